@@ -1,0 +1,109 @@
+"""Overhead of edge-reason's generation loop against a bare llama-cpp-python loop.
+
+Both decode the same prompt greedily on the same model file with the same thread count, in
+the same process, interleaved run by run (bare, edge, bare, edge, ...), EOS ignored so every
+run has exactly ``tokens`` tokens. Decode speed is (tokens - 1) / (time of the last token -
+time of the first token), the same definition on both sides, so prefill is excluded.
+
+    python -m benchmarks.overhead --model M.gguf [--threads 2] [--tokens 128] [--repeats 5] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+
+def bare_llama_cpp(llm, prompt_tokens: list[int], tokens: int) -> float:
+    """Decode tok/s of llama-cpp-python's own ``Llama.generate`` loop (greedy)."""
+    llm.reset()
+    t_first = None
+    n = 0
+    for tok in llm.generate(prompt_tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        n += 1
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+        if n >= tokens:
+            break
+    return (n - 1) / (now - t_first)
+
+
+def edge_runtime(rt, prompt: str, tokens: int, controllers_factory=None) -> float:
+    """Decode tok/s of edge-reason's full loop (parser on; controllers if given)."""
+    from edge.params import SamplingParams
+    from edge.runtime import collect
+
+    rt.backend.rollback(0)
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=tokens, ignore_eos=True)
+    controllers = controllers_factory() if controllers_factory else ()
+    r = collect(rt.complete(prompt, params, controllers=controllers))
+    s = r.stats
+    n = s.thinking_tokens + s.answer_tokens
+    assert n == tokens, (n, tokens)
+    return (n - 1) / (s.total_seconds - s.time_to_first_token)
+
+
+def run_overhead(model: str, *, threads: int = 2, tokens: int = 128, repeats: int = 5, n_ctx: int = 2048, controllers_factory=None) -> dict:
+    import llama_cpp
+
+    from edge.runtime import Runtime
+
+    rt = Runtime(model, n_ctx=n_ctx, threads=threads, device="cpu")
+    prompt = rt.render([{"role": "user", "content": PROMPT}])
+    prompt_tokens = rt.tokenize_prompt(prompt)
+    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=0, verbose=False)
+    try:
+        bare_llama_cpp(llm, prompt_tokens, 8)  # warm-up
+        edge_runtime(rt, prompt, 8, controllers_factory)
+        bare, edge = [], []
+        for _ in range(repeats):
+            bare.append(bare_llama_cpp(llm, prompt_tokens, tokens))
+            edge.append(edge_runtime(rt, prompt, tokens, controllers_factory))
+    finally:
+        llm.close()
+        rt.close()
+    mb, me = statistics.median(bare), statistics.median(edge)
+    return {
+        "suite": "overhead",
+        "model": str(model),
+        "threads": threads,
+        "tokens": tokens,
+        "repeats": repeats,
+        "prompt_tokens": len(prompt_tokens),
+        "bare_tok_s": bare,
+        "edge_tok_s": edge,
+        "bare_median": mb,
+        "edge_median": me,
+        "ratio": me / mb,
+        "llama_cpp_python": llama_cpp.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    res = run_overhead(a.model, threads=a.threads, tokens=a.tokens, repeats=a.repeats)
+    text = json.dumps(res, indent=2)
+    if a.out:
+        tmp = a.out.with_suffix(a.out.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(a.out)
+    print(text)
+    print(f"ratio edge/bare = {res['ratio']:.3f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,298 @@
+"""llama.cpp backend (llama-cpp-python, in process).
+
+The model and context are loaded through ``llama_cpp.Llama`` (which owns those native handles
+and frees them on ``close()``); decoding, logits and KV-cache rollback go through llama.cpp's C
+API directly so that each step costs one ``llama_decode`` and one logits copy:
+
+- ``eval`` fills a batch this backend owns (``llama_batch_init``, freed in ``close()``) with
+  explicit positions after the cache, asks for the last token's logits only, and copies
+  ``llama_get_logits_ith(ctx, -1)``;
+- ``rollback`` calls ``llama_memory_seq_rm(mem, 0, n, -1)``: the cache is truncated in place,
+  nothing is re-evaluated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edge.backends.base import BackendInfo
+from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "metal")
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise BackendError("llama-cpp-python is not installed: pip install llama-cpp-python") from exc
+    return llama_cpp
+
+
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """Cheap checks before handing a file to llama.cpp, so users get a clear message."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"model file not found: {p}")
+    if p.is_dir():
+        raise InvalidModelError(f"{p} is a directory; pass a .gguf file (convert a Hugging Face folder with `edge-reason convert gguf`)")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise InvalidModelError(f"{p} is not a GGUF file (bad magic {magic!r})")
+    return p
+
+
+def offload_supported() -> bool:
+    return bool(_llama_cpp().llama_supports_gpu_offload())
+
+
+def gpu_kind() -> str | None:
+    """'cuda' / 'metal' / 'vulkan' / ... for a build with GPU offload, else None."""
+    llama_cpp = _llama_cpp()
+    if not llama_cpp.llama_supports_gpu_offload():
+        return None
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").upper()
+    for name in ("CUDA", "METAL", "VULKAN", "HIP", "SYCL"):
+        if name in info:
+            return name.lower()
+    return "gpu"
+
+
+def resolve_device(device: str, gpu_layers: int | None) -> tuple[str, int]:
+    """Map ``--device`` / ``--gpu-layers`` to (device actually used, layers to offload)."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    if gpu_layers is not None and gpu_layers < -1:
+        raise ConfigError(f"--gpu-layers must be -1 (all) or >= 0, got {gpu_layers}")
+    kind = gpu_kind()
+    if device == "cpu":
+        return "cpu", 0
+    if device == "auto":
+        if kind is None or gpu_layers == 0:
+            return "cpu", 0
+        return kind, -1 if gpu_layers is None else gpu_layers
+    if kind is None:
+        raise ConfigError(
+            f"--device {device} asked for, but this llama-cpp-python build has no GPU offload; "
+            f"reinstall it with CMAKE_ARGS='-DGGML_{device.upper()}=on' pip install --force-reinstall --no-cache-dir llama-cpp-python"
+        )
+    if kind != device and kind != "gpu":
+        raise ConfigError(f"--device {device} asked for, but this llama-cpp-python build offloads to {kind}")
+    return device, -1 if gpu_layers is None else gpu_layers
+
+
+class LlamaCppBackend:
+    """One llama.cpp model + context holding one sequence."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        device: str = "auto",
+        gpu_layers: int | None = None,
+        n_batch: int = 512,
+        seed: int = 0,
+        flash_attn: bool = False,
+    ) -> None:
+        if n_ctx < 16:
+            raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        path = check_gguf_file(model)
+        used_device, layers = resolve_device(device, gpu_layers)
+        llama_cpp = _llama_cpp()
+        self._lib = llama_cpp
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=min(n_batch, n_ctx),
+                n_threads=threads,
+                n_gpu_layers=layers,
+                seed=seed,
+                flash_attn=flash_attn,
+                logits_all=False,
+                verbose=False,
+            )
+        except ValueError as exc:
+            raise InvalidModelError(f"llama.cpp could not load {path}: the file is truncated, corrupt or of an unsupported architecture ({exc})") from None
+        self._ctx = self._llm.ctx
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        if not self._vocab or not self._mem:
+            self.close()
+            raise BackendError("llama.cpp returned a null vocabulary or memory handle")
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._n_batch = min(n_batch, n_ctx)
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        if self._batch is None or not self._batch.token:
+            self.close()
+            raise BackendError("llama.cpp could not allocate a batch")
+        self._tokens: list[int] = []
+        self._pieces: dict[int, bytes] = {}
+        self._eog: frozenset[int] | None = None
+        meta = self._llm.metadata
+        self._meta = meta
+        n_layers = int(meta.get(f"{meta.get('general.architecture', '')}.block_count", 0) or 0)
+        offloaded = 0 if layers == 0 else (n_layers + 1 if layers < 0 else min(layers, n_layers + 1))
+        self.info = BackendInfo(
+            name="llamacpp",
+            device=used_device,
+            model_path=str(path),
+            n_ctx=int(llama_cpp.llama_n_ctx(self._ctx)),
+            threads=int(self._llm.context_params.n_threads),
+            gpu_layers=offloaded,
+            offload_supported=bool(llama_cpp.llama_supports_gpu_offload()),
+            extra={
+                "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
+                "architecture": meta.get("general.architecture"),
+                "model_name": meta.get("general.name"),
+                "n_layers": n_layers,
+                "threads_batch": int(self._llm.context_params.n_threads_batch),
+            },
+        )
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self.info.n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def n_past(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def tokens(self) -> Sequence[int]:
+        return tuple(self._tokens)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        if self._eog is None:
+            is_eog = self._lib.llama_vocab_is_eog
+            self._eog = frozenset(t for t in range(self._n_vocab) if is_eog(self._vocab, t))
+        return self._eog
+
+    def _token_text(self, key: str) -> str:
+        tid = self._meta.get(f"tokenizer.ggml.{key}_token_id")
+        return self.token_bytes(int(tid)).decode("utf-8", errors="replace") if tid is not None else ""
+
+    @property
+    def bos_token(self) -> str:
+        return self._token_text("bos")
+
+    @property
+    def eos_token(self) -> str:
+        return self._token_text("eos")
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self._lib.llama_vocab_get_add_bos(self._vocab))
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._meta.get("tokenizer.chat_template")
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    # -- tokens --------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        self._check_open()
+        if not text:
+            return []
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            self._check_open()
+            buf = ctypes.create_string_buffer(64)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            piece = buf.raw[:n]
+            self._pieces[token] = piece
+        return piece
+
+    # -- decoding ------------------------------------------------------------------------------
+    def eval(self, tokens: Sequence[int]) -> np.ndarray:
+        self._check_open()
+        tokens = list(tokens)
+        if not tokens:
+            raise BackendError("eval needs at least one token")
+        if len(self._tokens) + len(tokens) > self.n_ctx:
+            raise PromptError(
+                f"{len(self._tokens) + len(tokens)} tokens do not fit the context of {self.n_ctx}; "
+                "use a larger --ctx or a shorter prompt"
+            )
+        lib = self._lib
+        batch = self._batch
+        for i in range(0, len(tokens), self._n_batch):
+            chunk = tokens[i : i + self._n_batch]
+            n_past, n = len(self._tokens), len(chunk)
+            batch.n_tokens = n
+            for j, tok in enumerate(chunk):
+                batch.token[j] = tok
+                batch.pos[j] = n_past + j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = 0
+            batch.logits[n - 1] = 1
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                # a failed decode leaves nothing of this chunk in the cache
+                lib.llama_memory_seq_rm(self._mem, 0, len(self._tokens), -1)
+                raise BackendError(f"llama_decode failed with code {rc} at position {len(self._tokens)}")
+            self._tokens.extend(chunk)
+        ptr = lib.llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise BackendError("llama.cpp returned no logits")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
+    def rollback(self, n_past: int) -> None:
+        self._check_open()
+        if not 0 <= n_past <= len(self._tokens):
+            raise BackendError(f"cannot roll back to {n_past}: the cache holds {len(self._tokens)} tokens")
+        if n_past == len(self._tokens):
+            return
+        if not self._lib.llama_memory_seq_rm(self._mem, 0, n_past, -1):
+            raise BackendError("llama.cpp refused to truncate the KV cache (recurrent model?)")
+        del self._tokens[n_past:]
+
+    def close(self) -> None:
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            self._lib.llama_batch_free(batch)
+            self._batch = None
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            llm.close()
+            self._llm = None
+            self._ctx = self._vocab = self._mem = None
+
+    def _check_open(self) -> None:
+        if self._llm is None:
+            raise BackendError("the backend is closed")
+
+    def __enter__(self) -> "LlamaCppBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,74 @@
+"""Options shared by the commands that load a model, and the builders that turn them into
+library objects (a :class:`~edge.runtime.Runtime`, one :class:`~edge.params.SamplingParams`)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import click
+
+from edge.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda", "metal")
+
+
+def model_options(f: Callable) -> Callable:
+    opts = [
+        click.option("-m", "--model", default=None, help="GGUF path, ONNX folder, or owner/repo:file.gguf (default: the bundled tiny-r1)."),
+        click.option("--backend", default="llamacpp", show_default=True, help="llamacpp | onnx | remote"),
+        click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size in tokens."),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)."),
+        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | metal"),
+        click.option("--gpu-layers", type=int, default=None, help="Layers to offload (-1 = all; default all when a GPU is used)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def sampling_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--temperature", "--temp", type=float, default=0.6, show_default=True, help="0 = greedy."),
+        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None, help="Sampling seed (runs are reproducible with one)."),
+        click.option("--max-tokens", type=int, default=4096, show_default=True, help="Cap on generated tokens (thinking + answer)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens")
+MODEL_KEYS = ("model", "backend", "n_ctx", "threads", "device", "gpu_layers")
+
+
+def pop_sampling(kw: dict[str, Any]):
+    from edge.params import SamplingParams
+
+    return SamplingParams(**{k: kw.pop(k) for k in SAMPLING_KEYS})
+
+
+def open_runtime(kw: dict[str, Any]):
+    """Build a Runtime from the model options in ``kw`` (removed from it)."""
+    opts = {k: kw.pop(k) for k in MODEL_KEYS}
+    if opts["device"] not in DEVICES:
+        raise ConfigError(f"unknown device {opts['device']!r}; choose one of: {', '.join(DEVICES)}")
+    from edge.runtime import Runtime
+
+    backend = opts.pop("backend")
+    model = opts.pop("model")
+    if backend != "llamacpp":
+        opts.pop("gpu_layers")
+    return Runtime(model, backend=backend, **opts)
+
+
+def passthrough(f: Callable) -> Callable:
+    @functools.wraps(f)
+    def wrapper(**kw: Any) -> Any:
+        return f(**kw)
+
+    return wrapper

