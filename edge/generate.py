@@ -73,6 +73,7 @@ class Generation:
         self.thinking_logprobs: list[float] = []
         self.logits: np.ndarray | None = None
         self.pending_bytes = False
+        self.pending_tokens = 0
         self._events: list[Event] = []
 
     @property
@@ -86,6 +87,13 @@ class Generation:
     @property
     def answer_tokens(self) -> int:
         return self.stats.answer_tokens
+
+    def piece(self, token: int) -> str:
+        return self.backend.token_bytes(token).decode("utf-8", errors="ignore")
+
+    def would_close_thinking(self, token: int) -> bool:
+        """True if committing ``token`` would close the current think block."""
+        return self.parser.thinking and self.parser.tags.close in self.parser._held + self.piece(token)
 
     def emit(self, kind: str, **detail) -> None:
         """Report something to the front ends without acting (e.g. a probe's reading)."""
@@ -245,6 +253,7 @@ def generate(
         raw = b"".join(backend.token_bytes(t) for t in tokens)
         text = decoder.decode(raw)
         gen.pending_bytes = bool(decoder.getstate()[0])
+        gen.pending_tokens = gen.pending_tokens + len(tokens) if gen.pending_bytes else 0
         events = emitter.pieces(gen, parser.feed(text))
         if was_thinking and not parser.thinking and t_think_end is None:
             t_think_end = time.perf_counter()
@@ -254,10 +263,31 @@ def generate(
             events.insert(first_answer, done)
         return events
 
+    def retract(n: int) -> None:
+        """Take back the last ``n`` committed tokens (an unfinished character): rolled back
+        in the cache, uncounted, and their pending bytes dropped from the decoder."""
+        nonlocal decoder
+        n = min(n, len(gen.generated))
+        if n <= 0:
+            return
+        backend.rollback(backend.n_past - n)
+        del history[len(history) - n :]
+        del gen.generated[len(gen.generated) - n :]
+        del gen.logprobs[len(gen.logprobs) - n :]
+        del gen.thinking_logprobs[max(0, len(gen.thinking_logprobs) - n) :]
+        if parser.thinking:
+            stats.thinking_tokens -= n
+        else:
+            stats.answer_tokens -= n
+        decoder = _decoder()
+        gen.pending_bytes, gen.pending_tokens = False, 0
+
     def apply(action: Action) -> list[Event]:
         events: list[Event] = [ControlEvent(action.kind, dict(action.detail))]
         if action.exit_reason:
             stats.exit_reason = action.exit_reason
+        if action.retract:
+            retract(action.retract)
         if action.text:
             toks = backend.tokenize(action.text, special=True)
             if backend.n_past + len(toks) >= backend.n_ctx:

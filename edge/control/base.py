@@ -29,11 +29,14 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass(frozen=True)
 class Action:
     """What a controller wants: inject ``text`` into the stream (tokenized and evaluated as if
-    the model had written it) and/or stop. ``kind`` names the event reported to front ends."""
+    the model had written it) and/or stop. ``retract`` first takes back that many committed
+    tokens (used to drop the bytes of an unfinished UTF-8 character before an injection).
+    ``kind`` names the event reported to front ends."""
 
     kind: str
     text: str = ""
     stop: bool = False
+    retract: int = 0
     exit_reason: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,175 @@
+"""Thinking budgets: a hard cap, a minimum with "Wait" extension, effort levels, thinking off,
+and an adaptive per-query budget.
+
+:class:`ThinkingBudget` contract
+- Thinking tokens never exceed ``max_thinking``: when the cap is reached the next sampled token
+  is replaced by ``end_message`` + the closing tag (a token that would leave a UTF-8 character
+  unfinished is taken back first, so no character is split), and the model answers.
+- If the model ends (EOS) while still thinking, the same message is injected, so an answer is
+  always produced.
+- ``answer_budget`` caps the answer tokens that follow (the reply then stops, finish "length").
+- ``min_thinking``: if the model closes thinking (or ends) earlier, the close is replaced by
+  ``wait_text`` (s1's budget forcing), at most ``max_waits`` times.
+- ``max_thinking == 0`` is "thinking off": the block is closed before the first token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from edge.control.base import Action, Controller
+from edge.errors import ConfigError
+
+# In the style of Qwen3's and llama.cpp's --reasoning-budget-message.
+DEFAULT_END_MESSAGE = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
+DEFAULT_WAIT = "\nWait"
+MAX_BUDGET = 1_000_000
+
+EFFORT_BUDGETS: dict[str, int | None] = {"off": 0, "low": 512, "medium": 2048, "high": 8192, "max": None}
+
+
+def check_budget(name: str, value: int | None, *, allow_none: bool = True) -> None:
+    if value is None:
+        if not allow_none:
+            raise ConfigError(f"{name} is required")
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer number of tokens, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0 tokens, got {value}")
+    if value > MAX_BUDGET:
+        raise ConfigError(f"{name} of {value} tokens is absurd (the limit is {MAX_BUDGET})")
+
+
+def effort_budget(level: str, table: dict[str, int | None] | None = None) -> int | None:
+    table = table or EFFORT_BUDGETS
+    if level not in table:
+        raise ConfigError(f"unknown effort {level!r}; choose one of: {', '.join(table)}")
+    return table[level]
+
+
+@dataclass
+class ThinkingBudget(Controller):
+    max_thinking: int | None = None
+    min_thinking: int = 0
+    max_waits: int = 3
+    answer_budget: int | None = None
+    end_message: str = DEFAULT_END_MESSAGE
+    wait_text: str = DEFAULT_WAIT
+    close_tag: str = "</think>"
+    name: str = field(default="budget", init=False)
+
+    def __post_init__(self) -> None:
+        check_budget("max_thinking", self.max_thinking)
+        check_budget("min_thinking", self.min_thinking, allow_none=False)
+        check_budget("answer_budget", self.answer_budget)
+        if self.max_waits < 0 or self.max_waits > 100:
+            raise ConfigError(f"max_waits must be in [0, 100], got {self.max_waits}")
+        if self.max_thinking is not None and self.min_thinking > self.max_thinking:
+            raise ConfigError(f"min_thinking ({self.min_thinking}) is above max_thinking ({self.max_thinking})")
+        self.waits = 0
+        self.forced = False
+
+    def start(self, gen) -> None:
+        self.waits = 0
+        self.forced = False
+        self._answer_start = None
+
+    def budget_for(self, gen) -> int | None:
+        return self.max_thinking
+
+    def _end_text(self, gen) -> str:
+        if gen.thinking_tokens == 0:
+            return self.close_tag + "\n\n"
+        return self.end_message + self.close_tag + "\n\n"
+
+    def on_token(self, gen, sampled) -> Action | None:
+        eos = sampled.token in gen.backend.eos_token_ids and not gen.params.ignore_eos
+        if not gen.thinking:
+            if self._answer_start is None:
+                self._answer_start = gen.answer_tokens
+            if self.answer_budget is not None and gen.answer_tokens - self._answer_start >= self.answer_budget and not eos:
+                return Action("answer_budget_exhausted", stop=True, exit_reason="length", detail={"answer_tokens": gen.answer_tokens})
+            return None
+        closing = eos or gen.would_close_thinking(sampled.token)
+        if closing and gen.thinking_tokens < self.min_thinking and self.waits < self.max_waits:
+            self.waits += 1
+            return Action("wait_injected", text=self.wait_text, detail={"thinking_tokens": gen.thinking_tokens, "waits": self.waits})
+        budget = self.budget_for(gen)
+        if budget is not None and gen.thinking_tokens >= budget:
+            # at the cap even a natural close is injected (an injected tag is not a thinking token)
+            natural = closing and not eos
+            self.forced = not natural
+            return Action(
+                "budget_exhausted" if not natural else "thinking_closed_at_budget",
+                text=self.close_tag + "\n\n" if natural else self._end_text(gen),
+                retract=gen.pending_tokens,
+                exit_reason="budget" if not natural else None,
+                detail={"thinking_tokens": gen.thinking_tokens - gen.pending_tokens, "budget": budget},
+            )
+        if eos:
+            # the model stopped without closing its thinking: make it answer
+            self.forced = True
+            return Action("thinking_unclosed", text=self._end_text(gen), retract=gen.pending_tokens, detail={"thinking_tokens": gen.thinking_tokens})
+        return None
+
+
+@dataclass
+class LengthPredictor:
+    """Budget from a prompt feature: ``budget = intercept + slope * prompt_tokens`` (a quantile
+    line fitted on a calibration run), clipped to [low, high]."""
+
+    intercept: float
+    slope: float
+    low: int = 0
+    high: int = MAX_BUDGET
+
+    def __call__(self, prompt_tokens: int) -> int:
+        return int(min(self.high, max(self.low, math.ceil(self.intercept + self.slope * prompt_tokens))))
+
+    @classmethod
+    def fit(cls, prompt_tokens: Sequence[int], thinking_tokens: Sequence[int], *, quantile: float = 0.9, margin: float = 0.0) -> "LengthPredictor":
+        """Fit the line so that ``quantile`` of the calibration problems fit their budget:
+        slope by least squares, intercept shifted to the quantile of the residuals."""
+        import numpy as np
+
+        x = np.asarray(prompt_tokens, dtype=float)
+        y = np.asarray(thinking_tokens, dtype=float)
+        if len(x) < 2 or np.ptp(x) == 0:
+            return cls(float(np.quantile(y, quantile)) + margin, 0.0)
+        slope, icpt = np.polyfit(x, y, 1)
+        resid = y - (icpt + slope * x)
+        return cls(float(icpt + np.quantile(resid, quantile) + margin), float(slope))
+
+    def to_dict(self) -> dict:
+        return {"intercept": self.intercept, "slope": self.slope, "low": self.low, "high": self.high}
+
+
+@dataclass
+class AdaptiveBudget(ThinkingBudget):
+    """A :class:`ThinkingBudget` whose cap is chosen per query from the prompt length, the
+    signal available before the first thinking token, by a fitted :class:`LengthPredictor`;
+    ``scale`` trades accuracy for tokens along the curve."""
+
+    predictor: LengthPredictor | None = None
+    scale: float = 1.0
+    name: str = field(default="adaptive_budget", init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.predictor is None:
+            raise ConfigError("the adaptive budget needs a fitted predictor (edge-reason eval --calibrate)")
+        if not 0 < self.scale <= 100:
+            raise ConfigError(f"scale must be in (0, 100], got {self.scale}")
+
+    def start(self, gen) -> None:
+        super().start(gen)
+        self.current = max(0, int(round(self.predictor(gen.stats.prompt_tokens) * self.scale)))
+        if self.max_thinking is not None:
+            self.current = min(self.current, self.max_thinking)
+        gen.emit("adaptive_budget", budget=self.current, prompt_tokens=gen.stats.prompt_tokens)
+
+    def budget_for(self, gen) -> int | None:
+        return self.current

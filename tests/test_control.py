@@ -1,0 +1,188 @@
+"""Controllers on a scripted backend: budgets, "Wait" extension, early exit, composition."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge.control.budget import AdaptiveBudget, LengthPredictor, ThinkingBudget, effort_budget
+from edge.control.early_exit import EarlyExit, boxed_answer, is_boundary
+from edge.errors import ConfigError
+from edge.events import ControlEvent
+from edge.generate import generate
+from edge.params import SamplingParams
+from edge.runtime import collect
+from tests.scripted import ScriptedBackend
+
+SCRIPT = ["Step one.", "\n\n", "Step two.", "\n\n", "So x = 7.", "\n\n", "Wait", ", let me check.", " Yes, x = 7.", "\n", "</think>"]
+ANSWER = "\n\n**Final Answer**\n\\boxed{7}"
+GREEDY = SamplingParams(temperature=0, max_tokens=200)
+INDUCER = "</think>\n\n**Final Answer**\n\\boxed{"
+
+
+def confident_after(n0, answer="7", p_hi=0.99, wrong="3", p_lo=0.3):
+    return lambda n: (answer, p_hi) if n >= n0 else (wrong, p_lo)
+
+
+def run(backend, controllers=(), params=GREEDY):
+    events = list(generate(backend, backend.tokenize("Q?"), params, start_in_thinking=True, controllers=controllers))
+    return collect(iter(events)), events
+
+
+def controls(events, kind):
+    return [e for e in events if isinstance(e, ControlEvent) and e.kind == kind]
+
+
+def backend(**kw):
+    return ScriptedBackend(SCRIPT, ANSWER, **kw)
+
+
+def test_unlimited_run_follows_the_script():
+    r, _ = run(backend())
+    assert r.stats.thinking_tokens == len(SCRIPT)
+    assert r.answer == ANSWER.strip()
+    assert "So x = 7." in r.reasoning and "</think>" not in r.reasoning
+    assert r.stats.exit_reason == "eos" and r.stats.probe_tokens == 0
+
+
+@pytest.mark.parametrize("cap", range(0, len(SCRIPT) + 2))
+def test_hard_budget_is_never_exceeded_and_an_answer_follows(cap):
+    r, events = run(backend(), [ThinkingBudget(max_thinking=cap)])
+    assert r.stats.thinking_tokens <= cap
+    assert "\\boxed{" in r.answer  # an answer always follows
+    assert r.answer.endswith("\\boxed{7}") == (cap >= len(SCRIPT))
+    if cap < len(SCRIPT):
+        assert r.stats.thinking_tokens == cap
+        assert controls(events, "budget_exhausted") or controls(events, "thinking_closed_at_budget")
+        assert r.stats.injected_tokens > 0
+
+
+def test_budget_message_is_injected_into_the_thinking():
+    r, _ = run(backend(), [ThinkingBudget(max_thinking=3, end_message="\nTime is up.\n")])
+    assert r.reasoning.endswith("Time is up.")
+    assert r.stats.exit_reason == "budget"
+
+
+def test_thinking_off_closes_before_the_first_token():
+    r, _ = run(backend(), [ThinkingBudget(max_thinking=effort_budget("off"))])
+    assert r.stats.thinking_tokens == 0 and r.reasoning == "" and r.answer.endswith("\\boxed{?}")
+
+
+def test_answer_budget_caps_the_answer():
+    r, events = run(backend(), [ThinkingBudget(max_thinking=2, answer_budget=4)])
+    assert r.stats.answer_tokens == 4
+    assert controls(events, "answer_budget_exhausted")
+
+
+def test_budget_does_not_split_a_utf8_character():
+    script = ["Step", " ", "\xe6\x95".encode("latin-1"), b"\xb0", " ok", "</think>"]
+    b = ScriptedBackend(script, ANSWER)
+    r, events = run(b, [ThinkingBudget(max_thinking=3, end_message="\nStop.\n")])
+    assert "\ufffd" not in r.reasoning
+    assert r.stats.thinking_tokens == 2  # the half character was taken back
+    assert controls(events, "budget_exhausted")[0].detail["thinking_tokens"] == 2
+    r2, _ = run(ScriptedBackend(script, ANSWER), [ThinkingBudget(max_thinking=4)])
+    assert "数" in r2.reasoning and r2.stats.thinking_tokens == 4
+
+
+def test_min_thinking_replaces_the_close_with_wait():
+    r, events = run(backend(), [ThinkingBudget(min_thinking=100, max_waits=2, wait_text="\nWait")])
+    waits = controls(events, "wait_injected")
+    assert len(waits) == 2
+    assert r.reasoning.count("Wait") == 1 + 2 and r.answer.endswith("\\boxed{7}")
+
+
+def test_early_exit_on_confidence_saves_tokens_and_reuses_the_probe_answer():
+    b = backend(trial=confident_after(5))
+    r, events = run(b, [EarlyExit(threshold=0.9, inducer=INDUCER)])
+    probes = controls(events, "probe")
+    assert [p.detail["at"] for p in probes] == [2, 4, 6]
+    assert [p.detail["answer"] for p in probes] == ["3", "3", "7"]
+    assert r.stats.thinking_tokens == 6 < len(SCRIPT)
+    assert r.stats.exit_reason == "early_exit"
+    assert r.answer.endswith("\\boxed{7}") and "Wait" not in r.reasoning
+    assert r.stats.probes == 3 and r.stats.probe_tokens == sum(p.detail["cost"] for p in probes)
+
+
+def test_probes_do_not_change_the_main_stream():
+    plain, _ = run(backend())
+    b = backend(trial=confident_after(100))
+    probed, events = run(b, [EarlyExit(threshold=0.5, inducer=INDUCER, record_only=True)])
+    assert [p.detail["at"] for p in controls(events, "probe")] == [2, 4, 6]
+    assert probed.reasoning == plain.reasoning and probed.answer == plain.answer
+    assert probed.stats.thinking_tokens == plain.stats.thinking_tokens
+
+
+def test_consistency_mode_exits_when_k_trials_agree():
+    b = backend(trial=lambda n: ("7", 0.4) if n >= 4 else ("5", 0.4))
+    r, events = run(b, [EarlyExit(mode="consistency", k=2, inducer=INDUCER)])
+    assert [p.detail["answer"] for p in controls(events, "probe")] == ["5", "7", "7"]
+    assert r.stats.thinking_tokens == 6 and r.stats.exit_reason == "early_exit"
+    r2, _ = run(backend(trial=lambda n: ("7", 0.4) if n >= 4 else ("5", 0.4)), [EarlyExit(mode="confidence", threshold=0.9, inducer=INDUCER)])
+    assert r2.stats.exit_reason == "eos"  # never confident enough
+
+
+def test_stream_confidence_gate_skips_probes():
+    b = backend(trial=confident_after(0), probs=[0.6] * len(SCRIPT))
+    r, events = run(b, [EarlyExit(threshold=0.9, gate=0.8, inducer=INDUCER)])
+    assert not controls(events, "probe") and r.stats.probe_tokens == 0
+    b = backend(trial=confident_after(0), probs=[0.95] * len(SCRIPT))
+    r, events = run(b, [EarlyExit(threshold=0.9, gate=0.8, inducer=INDUCER)])
+    assert len(controls(events, "probe")) == 1 and r.stats.thinking_tokens == 2
+
+
+def test_min_gap_spaces_probes():
+    b = backend(trial=confident_after(100))
+    _, events = run(b, [EarlyExit(threshold=0.9, min_gap=3, inducer=INDUCER)])
+    at = [p.detail["at"] for p in controls(events, "probe")]
+    assert all(b - a >= 3 for a, b in zip(at, at[1:])) and len(at) < 4
+
+
+def test_budget_and_early_exit_compose():
+    b = backend(trial=confident_after(100))
+    r, events = run(b, [ThinkingBudget(max_thinking=5), EarlyExit(threshold=0.9, inducer=INDUCER)])
+    assert r.stats.thinking_tokens == 5 and controls(events, "budget_exhausted") and controls(events, "probe")
+    b = backend(trial=confident_after(3))
+    r, _ = run(b, [ThinkingBudget(max_thinking=9), EarlyExit(threshold=0.9, inducer=INDUCER)])
+    assert r.stats.thinking_tokens == 4 and r.stats.exit_reason == "early_exit"
+
+
+def test_adaptive_budget_scales_with_prompt_length():
+    pred = LengthPredictor.fit([10, 20, 30, 40], [20, 40, 60, 80], quantile=0.5)
+    assert pred(25) == 50
+    ctl = AdaptiveBudget(predictor=LengthPredictor(intercept=0, slope=1.0))
+    r, events = run(backend(), [ctl])  # prompt "Q?" is 2 tokens -> budget 2
+    assert r.stats.thinking_tokens == 2 and controls(events, "adaptive_budget")[0].detail["budget"] == 2
+
+
+def test_controllers_are_deterministic_under_a_seed():
+    p = SamplingParams(temperature=1.0, seed=7, max_tokens=200)
+    a, _ = run(backend(trial=confident_after(5)), [ThinkingBudget(max_thinking=8), EarlyExit(inducer=INDUCER)], p)
+    b, _ = run(backend(trial=confident_after(5)), [ThinkingBudget(max_thinking=8), EarlyExit(inducer=INDUCER)], p)
+    assert a.reasoning == b.reasoning and a.answer == b.answer
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ThinkingBudget(max_thinking=-1),
+        lambda: ThinkingBudget(max_thinking=10**9),
+        lambda: ThinkingBudget(min_thinking=10, max_thinking=5),
+        lambda: ThinkingBudget(max_thinking=2.5),
+        lambda: EarlyExit(threshold=1.5),
+        lambda: EarlyExit(threshold=-0.1),
+        lambda: EarlyExit(gate=2),
+        lambda: EarlyExit(mode="vibes"),
+        lambda: EarlyExit(confidence="median"),
+        lambda: effort_budget("extreme"),
+    ],
+)
+def test_bad_settings_are_config_errors(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_helpers():
+    assert boxed_answer("17}") == "17" and boxed_answer("\\frac{1}{2}} tail") == "\\frac{1}{2}"
+    assert is_boundary("So x = 7.\n\n", "Wait")
+    assert is_boundary("x = 7. ", "Wait") and is_boundary("x = 7.", " Wait")
+    assert not is_boundary("x = 7.", "Wait") and not is_boundary("", "Wait") and not is_boundary("a\n\n", "\n")
