@@ -11,6 +11,7 @@ import sys
 import click
 
 from edge.cli.options import model_options, open_runtime, pop_sampling, sampling_options
+from edge.control.cli import control_options
 
 HELP = """commands:
   /reset   forget the conversation
@@ -32,6 +33,7 @@ def _read(prompt: str) -> str | None:
 @click.command()
 @model_options
 @sampling_options
+@control_options
 @click.option("--system", default=None, help="System message.")
 @click.option("--hide-thinking", is_flag=True, help="Print a one-line summary instead of the reasoning.")
 @click.option("--no-think", is_flag=True, help="Skip thinking.")
@@ -42,7 +44,7 @@ def chat(system: str | None, hide_thinking: bool, no_think: bool, **kw) -> None:
     from edge.errors import EdgeError
 
     params = pop_sampling(kw)
-    control = pop_control(kw)
+    controllers = build_controllers(pop_control(kw))  # validated before the model loads
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     last = None
     with open_runtime(kw) as rt:
@@ -84,7 +86,7 @@ def chat(system: str | None, hide_thinking: bool, no_think: bool, **kw) -> None:
             history.append({"role": "user", "content": text})
             printer = StreamPrinter(hide_thinking=hide_thinking)
             try:
-                reply = printer.consume(rt.chat(history, params, controllers=build_controllers(control), think=not no_think))
+                reply = printer.consume(rt.chat(history, params, controllers=controllers, think=not no_think))
             except KeyboardInterrupt:
                 click.echo("\n(stopped)", err=True)
                 history.pop()

@@ -8,6 +8,7 @@ import sys
 import click
 
 from edge.cli.options import model_options, open_runtime, pop_sampling, sampling_options
+from edge.control.cli import control_options
 from edge.errors import PromptError
 
 
@@ -15,6 +16,7 @@ from edge.errors import PromptError
 @click.argument("prompt", required=False)
 @model_options
 @sampling_options
+@control_options
 @click.option("--system", default=None, help="System message.")
 @click.option("--hide-thinking", is_flag=True, help="Print a one-line summary instead of the reasoning.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with answer, reasoning and stats.")
@@ -28,10 +30,10 @@ def run(prompt: str | None, system: str | None, hide_thinking: bool, as_json: bo
     if not prompt.strip():
         raise PromptError("the prompt is empty: pass some text, e.g. edge-reason run \"What is 2+2?\"")
     params = pop_sampling(kw)
-    control = pop_control(kw)
+    controllers = build_controllers(pop_control(kw))  # validated before the model loads
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     with open_runtime(kw) as rt:
-        events = rt.chat(messages, params, controllers=build_controllers(control), think=not no_think)
+        events = rt.chat(messages, params, controllers=controllers, think=not no_think)
         if as_json:
             from edge.runtime import collect
 

@@ -1,15 +1,59 @@
-"""Command-line options of the reasoning controllers (filled in by the control package)."""
+"""Command-line options of the reasoning controllers, shared by ``run`` and ``chat``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import click
 
 from edge.control.base import Controller
 
+CONTROL_KEYS = ("think_budget", "min_thinking", "effort", "answer_budget", "budget_message", "early_exit", "exit_threshold", "exit_mode")
+
+
+def control_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--think-budget", type=int, default=None, help="Hard cap on thinking tokens; then the model must answer."),
+        click.option("--effort", default=None, help="off | low | medium | high | max (a thinking budget)."),
+        click.option("--min-thinking", type=int, default=0, help="Minimum thinking tokens: an early close becomes 'Wait'."),
+        click.option("--answer-budget", type=int, default=None, help="Cap on answer tokens after thinking."),
+        click.option("--budget-message", default=None, help="Text injected when the thinking budget runs out."),
+        click.option("--early-exit", is_flag=True, help="Stop thinking once a probe answer is confident."),
+        click.option("--exit-threshold", type=float, default=0.95, show_default=True, help="Probe confidence needed to exit."),
+        click.option("--exit-mode", default="confidence", show_default=True, help="confidence | consistency | both"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
 
 def pop_control(kw: dict[str, Any]) -> dict[str, Any]:
-    return {}
+    return {k: kw.pop(k) for k in CONTROL_KEYS if k in kw}
 
 
-def build_controllers(options: dict[str, Any]) -> list[Controller]:
-    return []
+def build_controllers(o: dict[str, Any]) -> list[Controller]:
+    """Controllers for the options, validated (bad values raise ConfigError)."""
+    from edge.control.budget import DEFAULT_END_MESSAGE, ThinkingBudget, effort_budget
+    from edge.control.early_exit import EarlyExit
+    from edge.errors import ConfigError
+
+    out: list[Controller] = []
+    budget = o.get("think_budget")
+    if o.get("effort"):
+        if budget is not None:
+            raise ConfigError("give either --think-budget or --effort, not both")
+        budget = effort_budget(o["effort"])
+    if budget is not None or o.get("min_thinking") or o.get("answer_budget") is not None:
+        out.append(
+            ThinkingBudget(
+                max_thinking=budget,
+                min_thinking=o.get("min_thinking") or 0,
+                answer_budget=o.get("answer_budget"),
+                end_message=o.get("budget_message") or DEFAULT_END_MESSAGE,
+            )
+        )
+    if o.get("early_exit"):
+        out.append(EarlyExit(threshold=o.get("exit_threshold", 0.95), mode=o.get("exit_mode", "confidence")))
+    elif o.get("exit_threshold", 0.95) != 0.95:
+        raise ConfigError("--exit-threshold needs --early-exit")
+    return out

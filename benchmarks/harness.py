@@ -1,0 +1,300 @@
+"""Evaluation harness: accuracy and thinking cost of reasoning policies.
+
+A *policy* is a named recipe of controllers:
+
+============================  ==============================================================
+``unlimited``                 think as long as the model wants
+``oracle``                    unlimited, plus record-only probes at every step boundary; gives
+                              the unlimited figures *and* each problem's oracle bound
+``budget:N[,N...]``           hard thinking cap of N tokens (one policy per N)
+``effort:low|medium|high``    the effort table's budgets
+``wait:N``                    minimum thinking N tokens ("Wait" extension)
+``adaptive:S[,S...]``         per-query budget from the prompt length, scaled by S
+``early-exit[:T,...]``        DEER-style probes, exit at confidence >= T (default 0.95)
+``dynasor[:K,...]``           exit when the last K probe answers agree
+============================  ==============================================================
+
+Savings are quoted net of probe tokens. The oracle bound of a problem is the thinking spent
+after the earliest step boundary at which a probe already gave the run's final answer; early
+exit efficiency = achieved savings / oracle savings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from benchmarks.tasks import Item, is_equiv, score
+from edge.control.budget import AdaptiveBudget, LengthPredictor, ThinkingBudget, effort_budget
+from edge.control.early_exit import DEFAULT_INDUCER, EarlyExit
+from edge.errors import ConfigError
+from edge.params import SamplingParams
+from edge.runtime import collect
+
+FAMILIES = ("unlimited", "oracle", "budget", "effort", "wait", "adaptive", "early-exit", "dynasor")
+
+
+@dataclass
+class Policy:
+    family: str
+    value: Any = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.family if self.value is None else f"{self.family}:{self.value}"
+
+    def controllers(self, predictor: LengthPredictor | None = None) -> list:
+        o = dict(self.options)
+        f = self.family
+        if f == "unlimited":
+            return []
+        if f == "oracle":
+            return [EarlyExit(record_only=True, gate=0.0, min_gap=0, max_probes=100_000, **o)]
+        if f == "budget":
+            return [ThinkingBudget(max_thinking=self.value)]
+        if f == "effort":
+            return [ThinkingBudget(max_thinking=effort_budget(self.value))]
+        if f == "wait":
+            return [ThinkingBudget(min_thinking=self.value)]
+        if f == "adaptive":
+            if predictor is None:
+                raise ConfigError("the adaptive policy needs a calibration (--calibration FILE or a task with a validation split)")
+            return [AdaptiveBudget(predictor=predictor, scale=self.value)]
+        if f == "early-exit":
+            return [EarlyExit(threshold=self.value, **o)]
+        if f == "dynasor":
+            return [EarlyExit(mode="consistency", k=self.value, **o)]
+        raise ConfigError(f"unknown policy {f!r}")
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"bad value {text!r} in policy {what!r}") from None
+
+
+def parse_policies(spec: str) -> list[Policy]:
+    """``budget:16,32`` -> two policies; ``early-exit`` -> threshold 0.95."""
+    family, _, rest = spec.strip().partition(":")
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown policy {family!r}; choose from: {', '.join(FAMILIES)}")
+    values = [v for v in rest.split(",") if v.strip()] if rest else []
+    if family in ("unlimited", "oracle"):
+        if values:
+            raise ConfigError(f"policy {family!r} takes no value")
+        return [Policy(family)]
+    if family == "effort":
+        out = [Policy("effort", v) for v in (values or ["medium"])]
+        for p in out:
+            p.controllers()
+        return out
+    kind = {"budget": int, "wait": int, "dynasor": int, "adaptive": float, "early-exit": float}[family]
+    default = {"budget": None, "wait": None, "dynasor": 2, "adaptive": 1.0, "early-exit": 0.95}[family]
+    if not values:
+        if default is None:
+            raise ConfigError(f"policy {family!r} needs a value, e.g. {family}:256")
+        values = [str(default)]
+    out = [Policy(family, _number(v, kind, spec)) for v in values]
+    for p in out:  # validate now, not after an hour of evaluation
+        p.controllers(LengthPredictor(0, 1)) if family == "adaptive" else p.controllers()
+    return out
+
+
+def run_item(rt, item: Item, policy: Policy, params: SamplingParams, predictor=None) -> dict:
+    messages = [{"role": "user", "content": item.prompt}]
+    t0 = time.perf_counter()
+    reply = collect(rt.chat(messages, params, controllers=policy.controllers(predictor)))
+    wall = time.perf_counter() - t0
+    s = reply.stats
+    pred, correct = score(reply.answer or reply.reasoning[-200:], item)
+    rec = {
+        "id": item.id,
+        "level": item.level,
+        "policy": policy.name,
+        "family": policy.family,
+        "gold": item.gold,
+        "pred": pred,
+        "correct": correct,
+        "prompt_tokens": s.prompt_tokens,
+        "thinking_tokens": s.thinking_tokens,
+        "answer_tokens": s.answer_tokens,
+        "probe_tokens": s.probe_tokens,
+        "injected_tokens": s.injected_tokens,
+        "probes": s.probes,
+        "exit_reason": s.exit_reason,
+        "finish_reason": s.finish_reason,
+        "seconds": round(wall, 4),
+        "time_to_first_answer_token": s.time_to_first_answer_token,
+        "decode_tokens_per_second": s.decode_tokens_per_second,
+    }
+    if policy.family == "oracle":
+        trials = [c.detail for c in reply.controls if c.kind == "probe"]
+        first = next((t["at"] for t in trials if is_equiv(t["answer"], pred or "")), None)
+        rec["oracle_point"] = first if first is not None else s.thinking_tokens
+        rec["oracle_savings"] = s.thinking_tokens - rec["oracle_point"]
+        rec["trials"] = [[t["at"], t["answer"], round(t["confidence"], 4)] for t in trials]
+    return rec
+
+
+def evaluate(rt, items: Sequence[Item], policies: Sequence[Policy], params: SamplingParams, *, predictor=None,
+             progress: Callable[[int, int, dict], None] | None = None) -> list[dict]:
+    records = []
+    total = len(items) * len(policies)
+    for policy in policies:
+        for item in items:
+            rec = run_item(rt, item, policy, params, predictor)
+            records.append(rec)
+            if progress:
+                progress(len(records), total, rec)
+    return records
+
+
+def calibrate(rt, items: Sequence[Item], params: SamplingParams, quantile: float = 0.9) -> tuple[LengthPredictor, list[dict]]:
+    recs = evaluate(rt, items, [Policy("unlimited")], params)
+    pred = LengthPredictor.fit([r["prompt_tokens"] for r in recs], [r["thinking_tokens"] for r in recs], quantile=quantile)
+    return pred, recs
+
+
+def _mean(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return float(statistics.fmean(xs)) if xs else float("nan")
+
+
+def summarize(records: Sequence[dict]) -> list[dict]:
+    """One row per policy: accuracy, mean thinking / probe / net tokens, savings against the
+    unlimited (or oracle) run on the same problems, and early-exit efficiency."""
+    by: dict[str, list[dict]] = {}
+    for r in records:
+        by.setdefault(r["policy"], []).append(r)
+    base = by.get("oracle") or by.get("unlimited")
+    base_t = {r["id"]: r["thinking_tokens"] for r in base} if base else {}
+    oracle_s = {r["id"]: r["oracle_savings"] for r in by.get("oracle", [])}
+    rows = []
+    for name, rs in by.items():
+        row = {
+            "policy": name,
+            "n": len(rs),
+            "accuracy": _mean(r["correct"] for r in rs),
+            "thinking_tokens": _mean(r["thinking_tokens"] for r in rs),
+            "probe_tokens": _mean(r["probe_tokens"] for r in rs),
+            "net_tokens": _mean(r["thinking_tokens"] + r["probe_tokens"] for r in rs),
+            "seconds": _mean(r["seconds"] for r in rs),
+        }
+        ids = [r["id"] for r in rs if r["id"] in base_t]
+        if ids:
+            base_sum = sum(base_t[i] for i in ids)
+            net = sum(r["thinking_tokens"] + r["probe_tokens"] for r in rs if r["id"] in base_t)
+            row["saved_net"] = (base_sum - net) / base_sum if base_sum else 0.0
+            if oracle_s:
+                o = sum(oracle_s.get(i, 0) for i in ids)
+                row["oracle_share"] = o / base_sum if base_sum else 0.0
+                row["efficiency"] = (base_sum - net) / o if o else float("nan")
+        rows.append(row)
+    return rows
+
+
+def per_level(records: Sequence[dict], policy: str) -> list[dict]:
+    rows = []
+    levels = sorted({r["level"] for r in records if r["policy"] == policy}, key=str)
+    for lv in levels:
+        rs = [r for r in records if r["policy"] == policy and r["level"] == lv]
+        rows.append({"level": lv, "n": len(rs), "accuracy": _mean(r["correct"] for r in rs), "thinking_tokens": _mean(r["thinking_tokens"] for r in rs),
+                     **({"oracle_savings": _mean(r["oracle_savings"] for r in rs)} if policy == "oracle" else {})})
+    return rows
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)\n"
+    cols = list(columns or rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "-"
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def compare_at_equal_tokens(rows: Sequence[dict], family_a: str, family_b: str) -> list[dict]:
+    """For each point of family A, family B's accuracy interpolated at A's mean thinking tokens."""
+    def pts(fam):
+        return sorted((r["thinking_tokens"], r["accuracy"]) for r in rows if r["policy"].split(":")[0] == fam)
+
+    a, b = pts(family_a), pts(family_b)
+    out = []
+    for t, acc in a:
+        if not b or t < b[0][0] or t > b[-1][0]:
+            continue
+        for (t0, a0), (t1, a1) in zip(b, b[1:]):
+            if t0 <= t <= t1:
+                other = a0 if t1 == t0 else a0 + (a1 - a0) * (t - t0) / (t1 - t0)
+                out.append({"tokens": t, f"{family_a}_accuracy": acc, f"{family_b}_accuracy": other, "gain": acc - other})
+                break
+        else:
+            if t == b[-1][0]:
+                out.append({"tokens": t, f"{family_a}_accuracy": acc, f"{family_b}_accuracy": b[-1][1], "gain": acc - b[-1][1]})
+    return out
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_outputs(out: Path, records: Sequence[dict], rows: Sequence[dict], *, plot: bool = True) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    atomic_write(out / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(out / "summary.json", json.dumps(rows, indent=2))
+    atomic_write(out / "summary.md", markdown_table(rows))
+    cols = ["policy", "n", "accuracy", "thinking_tokens", "probe_tokens", "net_tokens", "seconds"]
+    tmp = out / "curve.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(out / "curve.csv")
+    written += [out / "records.jsonl", out / "summary.json", out / "summary.md", out / "curve.csv"]
+    if plot:
+        written.append(plot_curve(rows, out / "curve.png"))
+    return written
+
+
+def plot_curve(rows: Sequence[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams: dict[str, list[tuple[float, float, str]]] = {}
+    for r in rows:
+        fams.setdefault(r["policy"].split(":")[0], []).append((r["net_tokens"], r["accuracy"], r["policy"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for fam, pts in sorted(fams.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=fam)
+    ax.set_xlabel("mean thinking tokens per problem (incl. probe tokens)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy vs thinking cost")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,72 @@
+"""``edge-reason eval``: accuracy and thinking cost of reasoning policies on a task."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from edge.cli.options import model_options, open_runtime
+
+
+@click.command("eval")
+@model_options
+@click.option("--tasks", "task", default="tiny-r1", show_default=True, help="tiny-r1 | tiny-r1-val | gsm8k | math500 | aime24 | amc23")
+@click.option("--policy", "policies", multiple=True, default=("unlimited",), show_default=True,
+              help="unlimited | oracle | budget:N[,N..] | effort:L | wait:N | adaptive:S[,S..] | early-exit[:T,..] | dynasor[:K,..]; repeatable.")
+@click.option("--limit", type=int, default=None, help="Evaluate the first N problems (spread over levels).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for records.jsonl, summary, curve.csv and curve.png.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None, help="Adaptive-budget calibration JSON (made with --calibrate).")
+@click.option("--calibrate", is_flag=True, help="Fit the adaptive-budget predictor on the validation split first.")
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-tokens", type=int, default=4096, show_default=True)
+@click.option("--no-plot", is_flag=True, help="Skip the PNG plot.")
+def eval_cmd(task, policies, limit, out, calibration, calibrate, temperature, seed, max_tokens, no_plot, **kw) -> None:
+    """Run each policy on a task; print a summary table (and write records with --out)."""
+    import json
+
+    from benchmarks import harness
+    from benchmarks.tasks import load_task
+    from edge.control.budget import LengthPredictor
+    from edge.errors import ConfigError
+    from edge.params import SamplingParams
+
+    pols = [p for spec in policies for p in harness.parse_policies(spec)]
+    items = load_task(task, limit)
+    params = SamplingParams(temperature=temperature, top_p=1.0 if temperature == 0 else 0.95, seed=seed, max_tokens=max_tokens)
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    predictor = None
+    if calibration is not None:
+        try:
+            predictor = LengthPredictor(**json.loads(Path(calibration).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"cannot read calibration {calibration}: {exc}") from None
+    with open_runtime(kw) as rt:
+        if any(p.family == "adaptive" for p in pols) and predictor is None:
+            if not calibrate:
+                raise ConfigError("the adaptive policy needs --calibration FILE or --calibrate")
+            cal_task = {"tiny-r1": "tiny-r1-val"}.get(task)
+            if cal_task is None:
+                raise ConfigError(f"no validation split to calibrate on for {task}; pass --calibration FILE")
+            click.echo(f"calibrating the adaptive budget on {cal_task} ...", err=True)
+            predictor, _ = harness.calibrate(rt, load_task(cal_task), params)
+            click.echo(f"  budget = {predictor.intercept:.1f} + {predictor.slope:.3f} * prompt_tokens", err=True)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                harness.atomic_write(out / "calibration.json", json.dumps(predictor.to_dict(), indent=2))
+
+        def progress(i, total, rec):
+            mark = "ok" if rec["correct"] else "x "
+            sys.stderr.write(f"\r[{i}/{total}] {rec['policy']:<18} {mark} think={rec['thinking_tokens']:<5} probes={rec['probe_tokens']:<4}")
+            sys.stderr.flush()
+
+        records = harness.evaluate(rt, items, pols, params, predictor=predictor, progress=progress)
+        sys.stderr.write("\n")
+    rows = harness.summarize(records)
+    click.echo(harness.markdown_table(rows))
+    if out is not None:
+        for p in harness.write_outputs(out, records, rows, plot=not no_plot):
+            click.echo(f"wrote {p}", err=True)

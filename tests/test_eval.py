@@ -1,0 +1,108 @@
+"""Evaluation harness: tasks, answer checking, policies, summaries (no model needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import harness
+from benchmarks.tasks import Item, extract_answer, is_equiv, last_boxed, load_task, score
+from edge.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "pred,gold,ok",
+    [
+        ("\\frac{1}{2}", "\\dfrac{1}{2}", True),
+        ("0.5", "\\frac12", True),
+        ("1/2", "\\frac{1}{2}", True),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),
+        ("x = 5", "5", True),
+        ("90^\\circ", "90", True),
+        ("\\$18", "18", True),
+        ("10\\%", "10", True),
+        ("1,000", "1000", True),
+        ("\\text{(C)}", "(C)", True),
+        ("27", "27.0", True),
+        ("3", "4", False),
+        ("\\frac{1}{3}", "0.33", False),
+        (None, "1", False),
+    ],
+)
+def test_math_equivalence(pred, gold, ok):
+    assert is_equiv(pred, gold) is ok
+
+
+def test_answer_extraction():
+    assert last_boxed("so \\boxed{\\frac{1}{2}} and later \\boxed{7}") == "7"
+    assert last_boxed("\\boxed{\\sqrt{2}}") == "\\sqrt{2}"
+    assert extract_answer("the answer is 1,234.") == "1234"
+    assert extract_answer("no digits") is None
+    assert score("**Final Answer**\n\\boxed{17}", Item("x", "q", "17")) == ("17", True)
+
+
+def test_tasks_load():
+    tiny = load_task("tiny-r1")
+    assert len(tiny) == 400 and {i.level for i in tiny} == set(range(1, 9))
+    sl = load_task("tiny-r1", limit=16)
+    assert sorted(i.level for i in sl) == sorted(list(range(1, 9)) * 2)
+    g = load_task("gsm8k", limit=3)
+    assert len(g) == 3 and g[0].gold.lstrip("-").isdigit() and "\\boxed{}" in g[0].prompt
+    assert len(load_task("math500")) == 500 and len(load_task("aime24")) == 30 and len(load_task("amc23")) == 40
+    with pytest.raises(ConfigError):
+        load_task("mmlu")
+    with pytest.raises(ConfigError):
+        load_task("gsm8k", limit=0)
+
+
+def test_policy_parsing():
+    names = [p.name for spec in ("unlimited", "budget:16,32", "early-exit", "dynasor:3", "adaptive:0.5,1") for p in harness.parse_policies(spec)]
+    assert names == ["unlimited", "budget:16", "budget:32", "early-exit:0.95", "dynasor:3", "adaptive:0.5", "adaptive:1.0"]
+    for bad in ("budget", "budget:-5", "budget:x", "early-exit:1.5", "vibes", "unlimited:3", "effort:extreme", "dynasor:0"):
+        with pytest.raises(ConfigError):
+            harness.parse_policies(bad)
+
+
+def rec(pid, policy, think, probe=0, correct=True, **kw):
+    return {"id": pid, "level": 1, "policy": policy, "family": policy.split(":")[0], "correct": correct,
+            "thinking_tokens": think, "probe_tokens": probe, "seconds": 0.1, **kw}
+
+
+def test_summary_savings_and_oracle_efficiency():
+    records = [
+        rec("a", "oracle", 100, oracle_savings=60),
+        rec("b", "oracle", 100, oracle_savings=40),
+        rec("a", "early-exit:0.9", 40, probe=10),
+        rec("b", "early-exit:0.9", 60, probe=10, correct=False),
+        rec("a", "budget:50", 50),
+        rec("b", "budget:50", 50),
+    ]
+    rows = {r["policy"]: r for r in harness.summarize(records)}
+    ee = rows["early-exit:0.9"]
+    assert ee["accuracy"] == 0.5 and ee["net_tokens"] == 60
+    assert ee["saved_net"] == pytest.approx((200 - 120) / 200)
+    assert ee["oracle_share"] == pytest.approx(100 / 200)
+    assert ee["efficiency"] == pytest.approx(80 / 100)
+    assert rows["oracle"]["saved_net"] == 0
+    md = harness.markdown_table(list(rows.values()))
+    assert "early-exit:0.9" in md and md.count("\n") == 5
+
+
+def test_compare_at_equal_tokens():
+    rows = [
+        {"policy": "budget:10", "thinking_tokens": 10, "accuracy": 0.2},
+        {"policy": "budget:30", "thinking_tokens": 30, "accuracy": 0.6},
+        {"policy": "adaptive:1.0", "thinking_tokens": 20, "accuracy": 0.7},
+    ]
+    (c,) = harness.compare_at_equal_tokens(rows, "adaptive", "budget")
+    assert c["budget_accuracy"] == pytest.approx(0.4) and c["gain"] == pytest.approx(0.3)
+
+
+def test_outputs_are_written_whole(tmp_path):
+    records = [rec("a", "unlimited", 10), rec("a", "budget:5", 5, correct=False)]
+    rows = harness.summarize(records)
+    files = harness.write_outputs(tmp_path, records, rows)
+    assert all(f.exists() and f.stat().st_size > 0 for f in files)
+    assert [json.loads(l)["policy"] for l in (tmp_path / "records.jsonl").read_text().splitlines()] == ["unlimited", "budget:5"]
+    assert not list(tmp_path.glob("*.tmp*"))
