@@ -195,8 +195,24 @@ class _Emitter:
         return [AnswerDelta(buf)] if buf else []
 
 
-def prefill(backend: Backend, prompt_tokens: Sequence[int]) -> tuple[np.ndarray, int]:
-    """Bring the cache to ``prompt_tokens``, reusing the longest cached prefix.
+class PromptCache:
+    """Remembers the logits at the end of the last prefilled prompt.
+
+    When the same prompt comes again and the KV cache still holds it, generation restarts from
+    those logits: nothing is evaluated, and the first token is chosen from exactly the logits a
+    fresh run had (re-evaluating the last prompt token alone would give slightly different
+    floating-point results than the batched prefill did)."""
+
+    def __init__(self) -> None:
+        self.tokens: tuple[int, ...] = ()
+        self.logits: np.ndarray | None = None
+
+    def store(self, tokens: Sequence[int], logits: np.ndarray) -> None:
+        self.tokens, self.logits = tuple(tokens), logits.copy()
+
+
+def prefill(backend: Backend, prompt_tokens: Sequence[int], cache: PromptCache | None = None) -> tuple[np.ndarray, int]:
+    """Bring the KV cache to ``prompt_tokens``, reusing the longest cached prefix.
 
     Returns the logits after the last prompt token and the number of tokens reused."""
     if not prompt_tokens:
@@ -206,9 +222,17 @@ def prefill(backend: Backend, prompt_tokens: Sequence[int]) -> tuple[np.ndarray,
             f"the prompt is {len(prompt_tokens)} tokens but the context holds {backend.n_ctx}; "
             "use a larger --ctx or a shorter prompt"
         )
-    keep = min(common_prefix(backend.tokens, prompt_tokens), len(prompt_tokens) - 1)
+    n = len(prompt_tokens)
+    common = common_prefix(backend.tokens, prompt_tokens)
+    if cache is not None and common == n and cache.logits is not None and cache.tokens == tuple(prompt_tokens):
+        backend.rollback(n)
+        return cache.logits.copy(), n
+    keep = min(common, n - 1)
     backend.rollback(keep)
-    return backend.eval(prompt_tokens[keep:]), keep
+    logits = backend.eval(prompt_tokens[keep:])
+    if cache is not None:
+        cache.store(prompt_tokens, logits)
+    return logits, keep
 
 
 def generate(
@@ -220,6 +244,7 @@ def generate(
     tags: TagPair = DEFAULT_TAGS,
     controllers: Sequence[Controller] = (),
     cancel: threading.Event | None = None,
+    cache: PromptCache | None = None,
 ) -> Iterator[Event]:
     """Yield events for one reply to ``prompt_tokens``; the last event is always ``Done``."""
     t0 = time.perf_counter()
@@ -232,7 +257,7 @@ def generate(
     eos = backend.eos_token_ids
     history = list(prompt_tokens)
 
-    gen.logits, reused = prefill(backend, prompt_tokens)
+    gen.logits, reused = prefill(backend, prompt_tokens, cache)
     t_prefill = time.perf_counter()
     stats.prompt_tokens = len(prompt_tokens)
     stats.backend["cached_prompt_tokens"] = reused

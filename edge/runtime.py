@@ -9,24 +9,108 @@
         print(reply.answer, reply.reasoning, reply.stats.thinking_tokens)
 
 One runtime owns one backend; calls from several threads are serialised by a lock, and a
-``threading.Event`` passed as ``cancel`` stops a generation from another thread.
+``threading.Event`` passed as ``cancel`` stops a generation from another thread (checked
+before every token; the stream then ends with ``Done`` whose ``finish_reason`` is
+``"cancelled"``).
+
+Async apps use :meth:`Runtime.achat` / :meth:`Runtime.acomplete`: the same events, produced by
+a worker thread and handed over through an asyncio queue, so the event loop never blocks on
+the model; leaving the ``async for`` early (or cancelling the task) stops the generation.
+
+    async for ev in rt.achat(messages, params):
+        ...
+
+``close()`` (or leaving the ``with`` block) frees the model; any later call raises
+:class:`RuntimeClosedError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from edge.backends import load_backend
 from edge.backends.base import Backend
 from edge.control.base import Controller
+from edge.errors import BackendError
 from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta
+from edge.generate import PromptCache
 from edge.params import SamplingParams
 from edge.templates import ChatTemplate, thinking_open
 from edge.think import DEFAULT_TAGS, TagPair
 
 Messages = Sequence[Mapping[str, Any]]
+
+
+class RuntimeClosedError(BackendError):
+    """The runtime was closed; its model is freed. Create a new :class:`Runtime`."""
+
+
+class _LinkedCancel(threading.Event):
+    """A cancel flag that is also set while ``parent`` (the caller's own event) is set, so a
+    stream can be stopped internally without touching the caller's event."""
+
+    def __init__(self, parent: threading.Event | None) -> None:
+        super().__init__()
+        self.parent = parent
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self.parent is not None and self.parent.is_set())
+
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def _aiterate(events: Iterator[Event], stop: threading.Event) -> AsyncIterator[Event]:
+    """Run a (blocking) event generator in a worker thread and yield its events here.
+
+    The worker hands each event to the loop with ``call_soon_threadsafe``; the generator is
+    iterated and closed in the worker thread only (it holds the runtime lock there). When the
+    consumer stops early, ``stop`` is set and the generator ends at its next token."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item: Any) -> bool:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+            return True
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            stop.set()
+            return False
+
+    def work() -> None:
+        try:
+            for ev in events:
+                if not put(ev):
+                    break
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_Failure(exc))
+        else:
+            put(_END)
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=work, name="edge-generate", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
 
 
 @dataclass
@@ -99,15 +183,27 @@ class Runtime:
             eos_token=self.backend.eos_token,
         )
         self._lock = threading.RLock()
+        self._prompt_cache = PromptCache()
+        self._closed = False
 
     # -- prompts -------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeClosedError("this Runtime is closed (its model was freed); create a new Runtime to go on")
+
     def render(self, messages: Messages, *, think: bool = True) -> str:
+        self._check_open()
         prompt = self.template.render(messages, add_generation_prompt=True)
         if not think and thinking_open(prompt, self.tags):
             prompt += f"\n{self.tags.close}\n\n"
         return prompt
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
+        self._check_open()
         bos = self.backend.bos_token
         add_bos = bool(getattr(self.backend, "add_bos", False)) and not (bos and prompt.startswith(bos))
         return self.backend.tokenize(prompt, add_bos=add_bos, special=True)
@@ -128,35 +224,87 @@ class Runtime:
 
     def complete(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         params: SamplingParams | None = None,
         *,
         controllers: Sequence[Controller] = (),
         cancel: threading.Event | None = None,
     ) -> Iterator[Event]:
-        """Stream a continuation of a raw (already templated) prompt."""
+        """Stream a continuation of a raw (already templated) prompt, given as text or as
+        token ids (used as they are: no BOS is added)."""
         from edge.errors import PromptError
         from edge.generate import generate
 
-        if not prompt.strip():
-            raise PromptError("the prompt is empty")
+        self._check_open()
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise PromptError("the prompt is empty")
+            text, ids = prompt, None
+        else:
+            ids = [int(t) for t in prompt]
+            if not ids:
+                raise PromptError("the prompt is empty")
+            text = None
         params = params or SamplingParams()
-        start_in_thinking = thinking_open(prompt, self.tags)
 
         def run() -> Iterator[Event]:
             with self._lock:
-                tokens = self.tokenize_prompt(prompt)
+                self._check_open()
+                if cancel is not None and cancel.is_set():  # cancelled while waiting for the lock
+                    yield Done(Stats(finish_reason="cancelled", exit_reason="cancelled"))
+                    return
+                tokens = self.tokenize_prompt(text) if ids is None else ids
+                shown = text if ids is None else self._detokenize(ids)
                 yield from generate(
                     self.backend,
                     tokens,
                     params,
-                    start_in_thinking=start_in_thinking,
+                    start_in_thinking=thinking_open(shown, self.tags),
                     tags=self.tags,
                     controllers=controllers,
                     cancel=cancel,
+                    cache=self._prompt_cache,
                 )
 
         return run()
+
+    def _detokenize(self, ids: Sequence[int]) -> str:
+        return b"".join(self.backend.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+
+    # -- async -------------------------------------------------------------------------------------
+    async def achat(
+        self,
+        messages: Messages,
+        params: SamplingParams | None = None,
+        *,
+        controllers: Sequence[Controller] = (),
+        think: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[Event]:
+        """Like :meth:`chat`, as an async iterator: generation runs in a worker thread."""
+        stop = _LinkedCancel(cancel)
+        events = self.chat(messages, params, controllers=controllers, think=think, cancel=stop)
+        async for ev in _aiterate(events, stop):
+            yield ev
+
+    async def acomplete(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        controllers: Sequence[Controller] = (),
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[Event]:
+        """Like :meth:`complete`, as an async iterator: generation runs in a worker thread."""
+        stop = _LinkedCancel(cancel)
+        events = self.complete(prompt, params, controllers=controllers, cancel=stop)
+        async for ev in _aiterate(events, stop):
+            yield ev
+
+    async def aask(self, prompt: str | Messages, params: SamplingParams | None = None, **kw: Any) -> Reply:
+        """Async :meth:`ask`: the whole reply, computed in a worker thread."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return collect(iter([ev async for ev in self.achat(messages, params, **kw)]))
 
     # -- conveniences ------------------------------------------------------------------------------
     def ask(self, prompt: str | Messages, params: SamplingParams | None = None, **kw: Any) -> Reply:
@@ -165,7 +313,11 @@ class Runtime:
         return collect(self.chat(messages, params, **kw))
 
     def close(self) -> None:
+        """Free the model (waits for a running generation to finish). Idempotent."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self.backend.close()
 
     def __enter__(self) -> "Runtime":

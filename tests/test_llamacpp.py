@@ -37,8 +37,18 @@ def test_greedy_generation_is_deterministic(smollm2_runtime):
     b = collect(smollm2_runtime.chat(msgs, GREEDY))
     assert a.answer and a.answer == b.answer
     assert a.stats.answer_tokens == b.stats.answer_tokens > 0
-    # the second run reused the cached prompt prefix instead of prefilling it again
-    assert b.stats.backend["cached_prompt_tokens"] == a.stats.prompt_tokens - 1
+    # the second run reused the whole cached prompt instead of prefilling it again
+    assert b.stats.backend["cached_prompt_tokens"] == a.stats.prompt_tokens
+
+
+def test_cache_reuse_in_a_conversation(smollm2_runtime):
+    first = [{"role": "user", "content": "Hi"}]
+    a = collect(smollm2_runtime.chat(first, GREEDY))
+    second = first + [{"role": "assistant", "content": a.answer}, {"role": "user", "content": "And again?"}]
+    b = collect(smollm2_runtime.chat(second, GREEDY))
+    # the earlier turn's prompt stays in the KV cache; only the new turn is prefilled
+    assert a.stats.prompt_tokens <= b.stats.backend["cached_prompt_tokens"] < b.stats.prompt_tokens
+    assert b.answer
 
 
 def test_rollback_then_redecode_equals_fresh_run(smollm2_backend):

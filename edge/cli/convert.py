@@ -1,0 +1,107 @@
+"""``edge-reason convert``: thin adapters over :mod:`convert` (to_gguf, quantize, verify)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from convert.quantize import QUANT_TYPES
+from edge.errors import ConfigError, VerificationError
+
+
+@click.group()
+def convert() -> None:
+    """Convert Hugging Face checkpoints to GGUF, quantize, and verify parity."""
+
+
+@convert.command("gguf")
+@click.argument("src")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-q", "--quant", default="f16", show_default=True, type=click.Choice(QUANT_TYPES, case_sensitive=False),
+              help="Output type: f32/f16/bf16 are written directly, the rest by llama.cpp's quantizer.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")
+@click.option("--verify", "run_verify", is_flag=True,
+              help="Verify the result against SRC afterwards (needs torch and transformers).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def gguf_cmd(src: str, out: Path, quant: str, force: bool, revision: str | None, run_verify: bool, no_progress: bool) -> None:
+    """Convert SRC (a checkpoint folder or hub repo id) to the GGUF file OUT."""
+    from convert import to_gguf, verify
+
+    path = to_gguf(src, out, quant=quant, force=force, progress=not no_progress, revision=revision)
+    click.echo(f"wrote {path} ({quant.lower()})", err=True)
+    if run_verify:
+        _report(verify(src, path, revision=revision), as_json=False)
+
+
+@convert.command("quantize")
+@click.argument("src_gguf", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-q", "--quant", required=True, type=click.Choice(QUANT_TYPES, case_sensitive=False), help="Output type.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def quantize_cmd(src_gguf: Path, out: Path, quant: str, force: bool) -> None:
+    """Quantize an unquantized GGUF (f32/f16/bf16) with llama.cpp's quantizer."""
+    from convert import quantize
+
+    path = quantize(src_gguf, out, quant, force=force)
+    click.echo(f"wrote {path} ({quant.lower()})", err=True)
+
+
+@convert.command("verify")
+@click.argument("src")
+@click.argument("gguf_path", metavar="GGUF", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt to compare on (repeatable; default: built-in set).")
+@click.option("--min-top1", type=float, help="Override the minimum top-1 agreement for this type.")
+@click.option("--max-kl", type=float, help="Override the maximum mean KL divergence for this type.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per prompt.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="llama.cpp threads.")
+@click.option("--revision", help="Hub revision when SRC is a repo id.")
+def verify_cmd(src: str, gguf_path: Path, as_json: bool, prompts: tuple[str, ...], min_top1: float | None,
+               max_kl: float | None, max_tokens: int, threads: int, revision: str | None) -> None:
+    """Compare GGUF with its source SRC: tokenizer, top-1 agreement, KL, perplexity.
+
+    Exits with status 3 when the GGUF fails the thresholds of its type.
+    """
+    from convert import Thresholds, verify
+    from convert.verify import THRESHOLDS, gguf_quant_type
+
+    if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
+        raise ConfigError(f"--min-top1 must be within [0, 1], got {min_top1}")
+    if max_kl is not None and max_kl <= 0:
+        raise ConfigError(f"--max-kl must be positive, got {max_kl}")
+    thresholds = None
+    if min_top1 is not None or max_kl is not None:
+        base = THRESHOLDS[gguf_quant_type(gguf_path)] if gguf_path.is_file() else Thresholds(0.0, math.inf)
+        thresholds = Thresholds(base.min_top1 if min_top1 is None else min_top1, base.max_mean_kl if max_kl is None else max_kl)
+    report = verify(src, gguf_path, prompts=list(prompts) or None, thresholds=thresholds, max_tokens=max_tokens,
+                    n_threads=threads, revision=revision)
+    _report(report, as_json=as_json)
+
+
+def _report(report, *, as_json: bool) -> None:
+    """Print ``report`` (table or JSON on stdout); raise VerificationError when it failed."""
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        th = report.thresholds
+        n_tok = len(report.tokenizer_mismatches)
+        rows = [
+            ("type", report.quant, ""),
+            ("positions", f"{report.n_positions} in {report.n_texts} texts", ""),
+            ("tokenizer", "identical" if not n_tok else f"{n_tok} mismatch(es)", "identical"),
+            ("top-1 agreement", f"{report.top1_agreement:.4f}", f">= {th.min_top1}"),
+            ("mean KL (nats)", f"{report.mean_kl:.3g}", f"< {th.max_mean_kl}"),
+            ("max KL (nats)", f"{report.max_kl:.3g}", ""),
+            ("max |logit diff|", f"{report.max_abs_logit_diff:.3g}", ""),
+            ("perplexity source", f"{report.ppl_source:.3f}", ""),
+            ("perplexity gguf", f"{report.ppl_gguf:.3f}", ""),
+        ]
+        for name, value, threshold in rows:
+            click.echo(f"{name:<20} {value:<24} {threshold}")
+        click.echo(f"{'result':<20} {'PASS' if report.passed else 'FAIL'}")
+    if not report.passed:
+        raise VerificationError(f"{report.gguf} failed verification: {'; '.join(report.failures)}")
