@@ -49,12 +49,12 @@ def _download(repo_id: str, filename: str) -> Path:
 
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
-    except (RepositoryNotFoundError, EntryNotFoundError) as exc:
-        raise ModelNotFoundError(f"{repo_id}:{filename} is not on the hub ({type(exc).__name__})") from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
         raise ModelNotFoundError(
             f"{repo_id}:{filename} is not in the local cache and the hub cannot be reached; "
             "download it on a connected machine or pass a local path"
         ) from None
+    except (RepositoryNotFoundError, EntryNotFoundError) as exc:
+        raise ModelNotFoundError(f"{repo_id}:{filename} is not on the hub ({type(exc).__name__})") from None
     except OSError as exc:
         raise ModelNotFoundError(f"could not download {repo_id}:{filename}: {exc}") from None
