@@ -1,0 +1,151 @@
+"""Output types, and quantization with llama.cpp's own quantizer.
+
+Unquantized types (f32, f16, bf16) are written directly by :mod:`convert.gguf_writer`. Every
+other type is produced by ``llama_model_quantize`` from an unquantized GGUF, exactly as the
+``llama-quantize`` tool does (mixed K-quant recipes such as q4_k_m included; tensors whose row
+length is not a multiple of the block size fall back to a type llama.cpp picks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from convert._files import atomic_output, check_output
+from edge.errors import ConversionError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+# Types written directly, by name: (gguf.GGMLQuantizationType name, gguf.LlamaFileType name).
+DIRECT_TYPES: dict[str, tuple[str, str]] = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+}
+
+# Types made by llama.cpp's quantizer, by name: suffix of llama_cpp.LLAMA_FTYPE_*.
+QUANTIZED_TYPES: dict[str, str] = {
+    "q8_0": "MOSTLY_Q8_0",
+    "q6_k": "MOSTLY_Q6_K",
+    "q5_k_m": "MOSTLY_Q5_K_M",
+    "q5_k_s": "MOSTLY_Q5_K_S",
+    "q5_0": "MOSTLY_Q5_0",
+    "q5_1": "MOSTLY_Q5_1",
+    "q4_k_m": "MOSTLY_Q4_K_M",
+    "q4_k_s": "MOSTLY_Q4_K_S",
+    "q4_0": "MOSTLY_Q4_0",
+    "q4_1": "MOSTLY_Q4_1",
+    "q3_k_l": "MOSTLY_Q3_K_L",
+    "q3_k_m": "MOSTLY_Q3_K_M",
+    "q3_k_s": "MOSTLY_Q3_K_S",
+    "q2_k": "MOSTLY_Q2_K",
+}
+
+QUANT_TYPES: tuple[str, ...] = tuple(DIRECT_TYPES) + tuple(QUANTIZED_TYPES)
+
+
+def normalize_quant(quant: str) -> str:
+    name = quant.strip().lower().replace("-", "_")
+    if name not in QUANT_TYPES:
+        raise ConversionError(f"unknown output type {quant!r}; choose one of: {', '.join(QUANT_TYPES)}")
+    return name
+
+
+def quant_name_of_file_type(file_type: int) -> str | None:
+    """Our name for a GGUF ``general.file_type`` value (None when we have no name for it)."""
+    import gguf
+
+    by_ftype = {gguf.LlamaFileType[f].value: n for n, (_, f) in DIRECT_TYPES.items()}
+    by_ftype.update({gguf.LlamaFileType[f].value: n for n, f in QUANTIZED_TYPES.items()})
+    return by_ftype.get(int(file_type))
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ConversionError(
+            "quantized output needs llama-cpp-python (pip install llama-cpp-python); "
+            "f32/f16/bf16 output does not"
+        ) from exc
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def _llama_log_unfiltered():
+    """Let every llama.cpp log line through its Python callback (we capture and sort them)."""
+    from llama_cpp import _logger
+
+    before = _logger.logger.level
+    _logger.logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        _logger.logger.setLevel(before)
+
+
+@contextlib.contextmanager
+def _native_output_captured(lines: list[str]):
+    """Collect what native code writes to fds 1 and 2 (it bypasses Python's streams) into ``lines``."""
+    with tempfile.TemporaryFile() as sink:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            sink.seek(0)
+            lines.extend(sink.read().decode("utf-8", "replace").splitlines())
+
+
+def quantize_file(src: Path, dst: Path, quant: str, *, nthread: int | None = None) -> None:
+    """Run llama.cpp's quantizer: ``src`` (an unquantized GGUF) -> ``dst``. No path checks."""
+    import ctypes
+
+    llama_cpp = _llama_cpp()
+    name = normalize_quant(quant)
+    suffix = QUANTIZED_TYPES.get(name) or DIRECT_TYPES[name][1]
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{suffix}", None)
+    if ftype is None:
+        raise ConversionError(f"this llama-cpp-python build has no LLAMA_FTYPE_{suffix}; upgrade it for {name}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = nthread or (os.cpu_count() or 1)
+    log: list[str] = []
+    with _llama_log_unfiltered(), _native_output_captured(log):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    for line in log:
+        logger.debug("llama.cpp: %s", line)
+    if rc != 0:
+        detail = next((ln.strip() for ln in reversed(log) if ln.strip()), "no message")
+        raise ConversionError(f"llama.cpp failed to quantize {src.name} to {name}: {detail}")
+    # Rows that do not fit a type's block size get another type; say so once.
+    for line in log:
+        if "required fallback quantization" in line:
+            logger.warning("llama.cpp: %s", line.split("WARNING:")[-1].strip())
+
+
+def quantize(src_gguf: str | Path, out_gguf: str | Path, quant: str, *, force: bool = False) -> Path:
+    """Quantize an existing GGUF (F32/F16/BF16) to ``quant`` with llama.cpp; returns the output path."""
+    out = check_output(out_gguf, force=force)
+    name = normalize_quant(quant)
+    src = Path(src_gguf).expanduser()
+    if not src.is_file():
+        raise ModelNotFoundError(f"{src}: no such GGUF file")
+    if src.resolve() == out.resolve():
+        raise ConversionError("input and output are the same file; choose another output name")
+    _llama_cpp()
+    with atomic_output(out) as tmp:
+        quantize_file(src, tmp, name)
+    logger.info("wrote %s (%s)", out, name)
+    return out
