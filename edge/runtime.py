@@ -268,6 +268,22 @@ class Runtime:
 
         return run()
 
+    def next_token_logprobs(self, prompt: Sequence[int], top: int = 20) -> list[tuple[int, float]]:
+        """The ``top`` most likely next tokens after ``prompt`` (token ids) with their
+        log-probabilities, most likely first. The cached prefix is reused and nothing is
+        generated or committed (what a remote backend asks a server for, per token)."""
+        from edge.errors import PromptError
+        from edge.generate import prefill
+        from edge.sampling import top_logprobs
+
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise PromptError("the prompt is empty")
+        with self._lock:
+            self._check_open()
+            logits, _ = prefill(self.backend, ids, self._prompt_cache)
+            return list(top_logprobs(logits, max(1, top)))
+
     def _detokenize(self, ids: Sequence[int]) -> str:
         return b"".join(self.backend.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
 

@@ -297,14 +297,50 @@ class EdgeServer:
         ids = await run_in_threadpool(self._prompt_ids, req)
         release = self._admit()
         cancel = threading.Event()
+        scoring = self._is_scoring(req)
         if req.logprobs:
             req.controllers.append(LogprobRecorder())  # last: it sees only committed tokens
         if req.stream:
             return _EventStream(self._stream(request, req, ids, cancel, release), on_close=release)
         try:
+            if scoring:
+                return await self._score(req, ids)
             return await self._respond(request, req, ids, cancel)
         finally:
             release()
+
+    @staticmethod
+    def _is_scoring(req: GenerationRequest) -> bool:
+        """A greedy one-token completion asking for logprobs: what RemoteBackend sends per token."""
+        return req.kind == "completion" and req.params.max_tokens == 1 and req.params.greedy and req.logprobs > 0 and not req.controllers and not req.stream
+
+    async def _score(self, req: GenerationRequest, ids: list[int]) -> Response:
+        """The fast path of a scoring request: the next-token distribution without committing
+        the token (one evaluation instead of two per remote step); same response as the loop's."""
+        from edge.events import Stats
+
+        rt = self.runtime
+        async with self._turn:
+            self.running += 1
+            try:
+                t0 = time.perf_counter()
+                top = await run_in_threadpool(rt.next_token_logprobs, ids, req.logprobs)
+                seconds = time.perf_counter() - t0
+            finally:
+                self.running -= 1
+        token, logprob = top[0]
+        eos = token in rt.backend.eos_token_ids
+
+        def text(t: int) -> str:
+            return rt.backend.token_bytes(t).decode("utf-8", errors="replace")
+
+        entry = {"token": token, "text": text(token), "logprob": logprob, "top": [{"token": t, "text": text(t), "logprob": lp} for t, lp in top]}
+        stats = Stats(prompt_tokens=len(ids), answer_tokens=0 if eos else 1, prefill_seconds=seconds, total_seconds=seconds)
+        stats.finish_reason, stats.exit_reason = ("stop", "eos") if eos else ("length", "length")
+        self._finished(stats)
+        fields = {} if eos else {CONTENT: entry["text"]}
+        lp = Logprobs(req.tokens_as_ids).render([entry])
+        return JSONResponse(Envelope(req.kind, self.model_id).completion_response(fields, req.reasoning_format, stats, [], lp))
 
     async def _events(self, req: GenerationRequest, ids: list[int], cancel: threading.Event) -> AsyncIterator[Event]:
         """The request's events, after waiting for its turn on the model."""

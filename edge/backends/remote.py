@@ -1,0 +1,391 @@
+"""Remote backend: the Backend protocol over an OpenAI-compatible *completions* server.
+
+So that think parsing, budgets and early exit run here while the model runs elsewhere
+(``llama-server``, vLLM, SGLang, or ``edge-reason serve``), this backend keeps the sequence on
+the client and asks the server only for next-token distributions:
+
+- the token list lives client-side; ``rollback(n)`` just truncates it (no request);
+- ``eval(tokens)`` appends the tokens and sends the *whole* list as a token-id prompt to
+  ``POST /v1/completions`` with ``max_tokens=1``, ``temperature=0`` and ``logprobs=k``; the
+  returned top-``k`` log-probabilities become a sparse logits vector (those ``k`` entries, the
+  rest ``-inf``). Servers with prompt caching (llama-server ``cache_prompt``, vLLM prefix
+  caching, ``edge-reason serve``'s prefix reuse) evaluate only the new tokens.
+
+Consequences: sampling sees the top ``k`` (default 20) tokens only, renormalised - greedy
+decoding is exact, temperature sampling is top-k sampling, and confidences read by early exit
+are relative to the top-k mass. Each generated token costs one HTTP round trip.
+
+Server features relied on (``edge-reason serve`` offers all; llama-server has the same shapes):
+
+- ``POST /v1/completions`` accepting ``prompt`` as a list of token ids, with ``logprobs``.
+  Token identities are read from, in order: an ``id`` field (llama-server's
+  ``logprobs.content[].top_logprobs[]``), ``token_id:N`` strings (``return_tokens_as_token_ids``,
+  vLLM and edge-reason), or else the token text mapped back through ``/tokenize`` (lossy).
+  If the server returns no logprobs because the first token ended the completion, the
+  distribution is taken to be certain end-of-sequence.
+- ``POST /tokenize`` ``{content, add_special, parse_special, with_pieces}`` and
+  ``POST /detokenize`` ``{tokens}`` (llama-server's shapes; ``with_pieces`` on ``/detokenize``
+  is an edge-reason extension giving byte-exact pieces, else pieces are read from ``content``
+  and tokens holding part of a UTF-8 character are lost). A server without these endpoints
+  (vLLM, SGLang use other shapes) needs a client-side ``tokenizer``: any object with
+  ``tokenize(text, *, add_bos, special) -> list[int]`` and ``token_bytes(id) -> bytes``.
+- ``GET /v1/models`` ``data[0].meta.n_vocab`` (llama-server, edge-reason) or the ``n_vocab``
+  option; ``GET /props`` for ``chat_template``, ``bos_token``, ``eos_token``,
+  ``default_generation_settings.n_ctx`` and edge-reason's ``edge.eos_token_ids`` /
+  ``edge.add_bos`` (else found by tokenizing ``eos_token`` and comparing ``add_special``).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import math
+import time
+from typing import Any, Protocol, Sequence
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from edge.backends.base import BackendInfo
+from edge.errors import BackendError, ConfigError, PromptError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VOCAB = 1 << 18  # when the server does not say; grown if a larger id shows up
+MAX_RETRIES_BUSY = 30
+
+
+class Tokenizer(Protocol):
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+
+def _piece_bytes(piece: Any) -> bytes | None:
+    if isinstance(piece, str):
+        return piece.encode("utf-8")
+    if isinstance(piece, list) and all(isinstance(b, int) for b in piece):
+        return bytes(piece)
+    return None
+
+
+def parse_top_logprobs(logprobs: Any) -> list[tuple[int | str, float, bytes | None]]:
+    """The first position's alternatives from a completions ``logprobs`` object, as
+    ``(id or token text, logprob, bytes or None)``. Understands OpenAI's legacy completions
+    shape (``top_logprobs: [{token: logprob}]``, tokens possibly ``token_id:N``) and the
+    chat-style shape llama-server uses (``content: [{id, token, logprob, bytes, top_logprobs}]``)."""
+    if not isinstance(logprobs, dict):
+        return []
+
+    def ident(entry: dict) -> int | str:
+        if isinstance(entry.get("id"), int):
+            return entry["id"]
+        return _token_key(str(entry.get("token", "")))
+
+    out: list[tuple[int | str, float, bytes | None]] = []
+    content = logprobs.get("content")
+    if isinstance(content, list) and content:
+        first = content[0]
+        for e in [first, *(first.get("top_logprobs") or [])]:
+            if isinstance(e, dict) and e.get("logprob") is not None:
+                out.append((ident(e), float(e["logprob"]), _piece_bytes(e.get("bytes"))))
+        return out
+    tops = logprobs.get("top_logprobs")
+    if isinstance(tops, list) and tops and isinstance(tops[0], dict):
+        out = [(_token_key(tok), float(lp), None) for tok, lp in tops[0].items() if lp is not None]
+    tokens, lps = logprobs.get("tokens"), logprobs.get("token_logprobs")
+    if isinstance(tokens, list) and tokens and isinstance(lps, list) and lps and lps[0] is not None:
+        out.append((_token_key(str(tokens[0])), float(lps[0]), None))
+    return out
+
+
+def _token_key(token: str) -> int | str:
+    if token.startswith("token_id:"):
+        try:
+            return int(token[len("token_id:"):])
+        except ValueError:
+            pass
+    return token
+
+
+class RemoteBackend:
+    """One sequence held client-side, scored by a remote OpenAI-compatible server."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        n_ctx: int = 4096,
+        api_key: str | None = None,
+        top_logprobs: int = 20,
+        timeout: float = 120.0,
+        model_name: str | None = None,
+        n_vocab: int | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        url = urlsplit(model if "://" in model else f"http://{model}")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"the remote backend needs a server URL such as http://127.0.0.1:8080/v1, got {model!r}")
+        if not 1 <= top_logprobs <= 20:
+            raise ConfigError(f"top_logprobs must be in [1, 20], got {top_logprobs}")
+        if n_ctx < 16:
+            raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
+        self._scheme, self._host, self._port = url.scheme, url.hostname, url.port
+        self._root = url.path.rstrip("/").removesuffix("/v1")
+        self._api_key = api_key
+        self._timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+        self._closed = False
+        self._k = top_logprobs
+        self._tokenizer = tokenizer
+        self._tokens: list[int] = []
+        self._pieces: dict[int, bytes] = {}
+        self._ids_of_text: dict[str, int | None] = {}
+        self.requests = 0
+
+        models = self._get("/v1/models")
+        card = (models.get("data") or [{}])[0] if isinstance(models, dict) else {}
+        meta = card.get("meta") or {}
+        props = self._get("/props", missing_ok=True) or {}
+        edge = props.get("edge") or {}
+        self.model_name = model_name or card.get("id") or ""
+        self._n_vocab = int(n_vocab or meta.get("n_vocab") or edge.get("n_vocab") or 0) or None
+        if self._n_vocab is None:
+            log.warning("the server does not report its vocabulary size; assuming %d (pass n_vocab=...)", DEFAULT_VOCAB)
+            self._n_vocab = DEFAULT_VOCAB
+        server_ctx = int((props.get("default_generation_settings") or {}).get("n_ctx") or meta.get("n_ctx") or meta.get("n_ctx_train") or 0)
+        # the server needs room for the one token it generates per request
+        self._n_ctx = min(n_ctx, server_ctx - 1) if server_ctx else n_ctx
+        self._template = props.get("chat_template") or None
+        self._bos = props.get("bos_token") or ""
+        self._eos = props.get("eos_token") or ""
+        if "add_bos" in edge:
+            self._add_bos = bool(edge["add_bos"])
+        else:
+            self._add_bos = len(self.tokenize("a", add_bos=True)) > len(self.tokenize("a", add_bos=False))
+        if edge.get("eos_token_ids"):
+            self._eog = frozenset(int(t) for t in edge["eos_token_ids"])
+        else:
+            ids = self.tokenize(self._eos, special=True) if self._eos else []
+            self._eog = frozenset(ids) if len(ids) == 1 else frozenset()
+            if not self._eog:
+                log.warning("the server does not say which token ends a reply; generation stops at max_tokens")
+        self.info = BackendInfo(
+            name="remote",
+            device="remote",
+            model_path=f"{self._scheme}://{self._host}{':' + str(self._port) if self._port else ''}{self._root}/v1",
+            n_ctx=self._n_ctx,
+            extra={"server_model": self.model_name, "top_logprobs": self._k, "server_backend": meta.get("backend"), "server_device": meta.get("device")},
+        )
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            self._conn = cls(self._host, self._port, timeout=self._timeout)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _request(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> Any:
+        if self._closed:
+            raise BackendError("the backend is closed")
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        busy = 0
+        reconnected = False
+        while True:
+            try:
+                conn = self._connection()
+                conn.request(method, self._root + path, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except (ConnectionError, http.client.HTTPException, TimeoutError, OSError) as exc:
+                self._drop_connection()
+                if not reconnected and not isinstance(exc, TimeoutError):
+                    reconnected = True  # a kept-alive connection the server closed: retry once
+                    continue
+                raise BackendError(f"the server at {self.info.model_path if hasattr(self, 'info') else self._host} cannot be reached: {exc}") from None
+            self.requests += 1
+            if resp.status in (429, 503) and busy < MAX_RETRIES_BUSY:
+                busy += 1
+                time.sleep(min(float(resp.getheader("Retry-After") or 1), 10.0))
+                continue
+            if resp.status == 404 and missing_ok:
+                return None
+            if resp.status >= 400:
+                raise BackendError(f"the server answered {resp.status} to {method} {path}: {_error_message(raw)}")
+            try:
+                return json.loads(raw)
+            except ValueError:
+                raise BackendError(f"the server sent invalid JSON for {method} {path}") from None
+
+    def _get(self, path: str, *, missing_ok: bool = False) -> Any:
+        return self._request("GET", path, missing_ok=missing_ok)
+
+    def _post(self, path: str, body: Any) -> Any:
+        return self._request("POST", path, body)
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def n_past(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def tokens(self) -> Sequence[int]:
+        return tuple(self._tokens)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eog
+
+    @property
+    def bos_token(self) -> str:
+        return self._bos
+
+    @property
+    def eos_token(self) -> str:
+        return self._eos
+
+    @property
+    def add_bos(self) -> bool:
+        return self._add_bos
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._template
+
+    # -- tokens --------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        if not text:
+            return []
+        if self._tokenizer is not None:
+            return list(self._tokenizer.tokenize(text, add_bos=add_bos, special=special))
+        out = self._post("/tokenize", {"content": text, "add_special": add_bos, "parse_special": special, "with_pieces": True})
+        ids: list[int] = []
+        for t in out.get("tokens", []):
+            if isinstance(t, dict):  # with pieces: learn each token's bytes for free
+                tid = int(t["id"])
+                piece = _piece_bytes(t.get("piece"))
+                if piece is not None:
+                    self._pieces.setdefault(tid, piece)
+                ids.append(tid)
+            else:
+                ids.append(int(t))
+        return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            if self._tokenizer is not None:
+                piece = self._tokenizer.token_bytes(token)
+            else:
+                out = self._post("/detokenize", {"tokens": [int(token)], "with_pieces": True})
+                pieces = out.get("pieces")
+                piece = _piece_bytes(pieces[0].get("piece")) if isinstance(pieces, list) and pieces else None
+                if piece is None:
+                    piece = str(out.get("content", "")).encode("utf-8")
+            self._pieces[token] = piece
+        return piece
+
+    def _id_of(self, key: int | str) -> int | None:
+        """A token id from a logprobs entry: the id itself, or its text tokenized (one token)."""
+        if isinstance(key, int):
+            return key
+        if key not in self._ids_of_text:
+            ids = self.tokenize(key, special=True) if key else []
+            self._ids_of_text[key] = ids[0] if len(ids) == 1 else None
+        return self._ids_of_text[key]
+
+    # -- decoding ------------------------------------------------------------------------------
+    def eval(self, tokens: Sequence[int]) -> np.ndarray:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise BackendError("eval needs at least one token")
+        seq = self._tokens + tokens
+        if len(seq) > self._n_ctx:
+            raise PromptError(f"{len(seq)} tokens do not fit the context of {self._n_ctx}; use a shorter prompt or a server with a larger context")
+        body = {
+            "prompt": seq,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "logprobs": self._k,
+            "echo": False,
+            "stream": False,
+            "return_tokens_as_token_ids": True,  # vLLM, edge-reason: tokens as token_id:N
+            "n_probs": self._k,  # llama-server's name for the same
+            "cache_prompt": True,  # llama-server: reuse the cached prefix
+            "reasoning_format": "none",
+        }
+        if self.model_name:
+            body["model"] = self.model_name
+        out = self._post("/v1/completions", body)
+        logits = self._distribution(out)
+        self._tokens = seq  # only once the server answered
+        return logits
+
+    def _distribution(self, out: Any) -> np.ndarray:
+        choice = (out.get("choices") or [{}])[0] if isinstance(out, dict) else {}
+        entries = parse_top_logprobs(choice.get("logprobs"))
+        logits = np.full(self._n_vocab, -np.inf, dtype=np.float32)
+        for key, lp, raw in entries:
+            tid = self._id_of(key)
+            if tid is None or tid < 0 or math.isnan(lp):
+                continue
+            if tid >= logits.shape[0]:  # a larger vocabulary than assumed
+                self._n_vocab = tid + 1
+                logits = np.concatenate([logits, np.full(tid + 1 - logits.shape[0], -np.inf, dtype=np.float32)])
+            logits[tid] = max(float(logits[tid]), lp)
+            if raw is not None:
+                self._pieces.setdefault(tid, raw)
+        if not np.isfinite(logits).any():
+            if choice.get("finish_reason") == "stop" and self._eog and not choice.get("text"):
+                logits[min(self._eog)] = 0.0  # the reply ended at once: end-of-sequence for sure
+            else:
+                raise BackendError("the server returned no log-probabilities; it must support 'logprobs' on /v1/completions")
+        return logits
+
+    def rollback(self, n_past: int) -> None:
+        if not 0 <= n_past <= len(self._tokens):
+            raise BackendError(f"cannot roll back to {n_past}: the sequence holds {len(self._tokens)} tokens")
+        del self._tokens[n_past:]
+
+    def close(self) -> None:
+        self._drop_connection()
+        self._closed = True
+
+    def __enter__(self) -> "RemoteBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        body = json.loads(raw)
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            return str(err.get("message"))
+        if isinstance(err, str):
+            return err
+    except ValueError:
+        pass
+    return raw[:200].decode("utf-8", errors="replace")
