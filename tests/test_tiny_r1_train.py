@@ -35,10 +35,11 @@ def test_trace_contains_every_step_and_correct_answer():
 def test_self_check_after_paragraph_break_and_slips_corrected():
     rng = random.Random(1)
     probs = [make_problem(rng, rng.choice(LEVELS)) for _ in range(2000)]
-    checked = [p for p in probs if "Wait, let me check." in p.trace]
+    checked = [p for p in probs if "Wait, let me check each step again." in p.trace]
     assert 0.85 < len(checked) / len(probs) < 0.95
     for p in checked:
-        head, check = p.trace.split("\n\nWait, let me check. ")
+        head, check = p.trace.split("\n\nWait, let me check each step again.\n")
+        assert check.count("\n") == p.level  # the whole chain is worked again
         assert head.endswith(f" = {p.answer}.") and check.endswith(f"Yes, {p.question.split('What is ')[1][:-1]} = {p.answer}.")
     slips = [p for p in probs if ", not " in p.trace]
     assert slips

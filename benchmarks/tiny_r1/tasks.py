@@ -83,10 +83,11 @@ def make_problem(rng: random.Random, level: int, pid: str = "") -> Problem:
     lines.append(f"So {target} = {values[-1]}.")
     trace = "\n".join(lines)
     if rng.random() < CHECK_PROB:
-        checks = " ".join(
-            f"{names[i + 1]} = {values[i]} {op} {k} = {values[i + 1]}." for i, (op, k) in enumerate(ops)
+        # R1-style overthinking: the whole chain is worked again after the answer is known
+        checks = "\n".join(
+            f"{names[i + 1]} = {names[i]} {op} {k} = {values[i]} {op} {k} = {values[i + 1]}." for i, (op, k) in enumerate(ops)
         )
-        trace += f"\n\nWait, let me check. {checks} Yes, {target} = {values[-1]}."
+        trace += f"\n\nWait, let me check each step again.\n{checks}\nYes, {target} = {values[-1]}."
     return Problem(id=pid, level=level, question=question, answer=values[-1], trace=trace)
 
 
