@@ -256,6 +256,8 @@ def generate(
     decoder = _decoder()
     eos = backend.eos_token_ids
     history = list(prompt_tokens)
+    # the log-softmax over the vocabulary is paid only when someone reads token logprobs
+    want_logprob = params.logprobs or any(getattr(c, "needs_logprobs", False) for c in controllers)
 
     gen.logits, reused = prefill(backend, prompt_tokens, cache)
     t_prefill = time.perf_counter()
@@ -336,7 +338,7 @@ def generate(
         if backend.n_past >= backend.n_ctx:
             finish = "length"
             break
-        sampled: Sampled = sampler(gen.logits, history)
+        sampled: Sampled = sampler(gen.logits, history, logprob=want_logprob)
         action = None
         for c in controllers:
             action = c.on_token(gen, sampled)

@@ -25,6 +25,7 @@ class SamplingParams:
     max_tokens: int = 4096
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0
+    logprobs: bool = False
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:

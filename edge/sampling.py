@@ -29,9 +29,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - (m + np.log(np.exp(x - m).sum()))
 
 
+def logsumexp(logits: np.ndarray) -> float:
+    """log(sum(exp(logits))) in float32 SIMD passes, accumulated in float64."""
+    m = logits.max()
+    return float(m) + float(np.log(np.exp(logits - m).sum(dtype=np.float64)))
+
+
 def token_logprob(logits: np.ndarray, token: int) -> float:
-    m = float(logits.max())
-    return float(logits[token]) - (m + float(np.log(np.exp(logits - m, dtype=np.float64).sum())))
+    return float(logits[token]) - logsumexp(logits)
 
 
 def top_logprobs(logits: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
@@ -40,7 +45,7 @@ def top_logprobs(logits: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
     k = min(k, logits.shape[0])
     idx = np.argpartition(-logits, k - 1)[:k]
     idx = idx[np.argsort(-logits[idx], kind="stable")]
-    lse = float(logits.max()) + float(np.log(np.exp(logits - logits.max(), dtype=np.float64).sum()))
+    lse = logsumexp(logits)
     return tuple((int(i), float(logits[i]) - lse) for i in idx)
 
 
@@ -75,7 +80,9 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> Sampled:
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = (), *, logprob: bool = True) -> Sampled:
+        """Choose a token. ``logprob=False`` skips the log-softmax over the vocabulary (a
+        150k-entry pass per token) when nobody reads it; the logprob is then NaN."""
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
         scored = apply_repeat_penalty(logits, history, p.repeat_penalty, p.repeat_last_n)
@@ -83,7 +90,15 @@ class Sampler:
             tok = int(np.argmax(scored))
         else:
             tok = self._sample(scored)
-        return Sampled(tok, token_logprob(logits, tok), top_logprobs(logits, p.top_logprobs))
+        if not logprob and not p.top_logprobs:
+            return Sampled(tok, float("nan"))
+        lse = logsumexp(logits)
+        top = ()
+        if p.top_logprobs:
+            idx = np.argpartition(-logits, p.top_logprobs - 1)[: p.top_logprobs]
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
+            top = tuple((int(i), float(logits[i]) - lse) for i in idx)
+        return Sampled(tok, float(logits[tok]) - lse, top)
 
     def _sample(self, logits: np.ndarray) -> int:
         p = self.params

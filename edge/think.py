@@ -45,6 +45,8 @@ class ThinkParser:
         self.blocks_closed = 0
         self.stray_tags = 0
         self._held = ""
+        self._firsts = {tags.open[0], tags.close[0]}
+        self._maxlen = max(len(tags.open), len(tags.close))
 
     @property
     def mode(self) -> str:
@@ -52,6 +54,8 @@ class ThinkParser:
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         """Consume ``text``; return the pieces that are now certain, in order."""
+        if not self._held and text and not any(c in text for c in self._firsts):
+            return [(self.mode, text)]  # fast path: no tag starts in this text
         buf = self._held + text
         self._held = ""
         out: list[tuple[str, str]] = []
@@ -86,6 +90,9 @@ class ThinkParser:
 
     def _partial_suffix(self, buf: str) -> int:
         """Length of the longest suffix of ``buf`` that is a proper prefix of a tag."""
+        tail = buf[-(self._maxlen - 1) :]
+        if not any(c in tail for c in self._firsts):
+            return 0  # fast path: no tag can start in the tail
         longest = 0
         for tag in (self.tags.open, self.tags.close):
             for n in range(min(len(tag) - 1, len(buf)), longest, -1):

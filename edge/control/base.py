@@ -45,6 +45,8 @@ class Controller:
     """Base class with no-op hooks; subclasses override what they need."""
 
     name = "controller"
+    #: set True when the controller reads ``gen.logprobs`` / ``gen.thinking_logprobs``
+    needs_logprobs = False
 
     def start(self, gen: "Generation") -> None:
         return None

@@ -101,6 +101,10 @@ class EarlyExit(Controller):
             raise ConfigError("probe_max_tokens must be >= 1")
         self.start(None)
 
+    @property
+    def needs_logprobs(self) -> bool:
+        return self.gate > 0
+
     def start(self, gen) -> None:
         self.trials: list[dict] = []
         self._last_probe_at = -(10**9)

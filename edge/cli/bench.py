@@ -1,0 +1,139 @@
+"""``edge-reason bench``: benchmark this device, and merge records from many devices.
+
+    edge-reason bench run MODEL [--suite ...] [--quick] [--out RUN.json]
+    edge-reason bench MODEL ...                     # the same: ``run`` is the default
+    edge-reason bench report RUN.json [RUN2.json | FOLDER ...] [--out DIR]
+
+A thin adapter over :mod:`benchmarks.bench`: options become one
+:class:`~benchmarks.bench.suites.BenchConfig`; progress goes to stderr, the summary table to
+stdout, and the record to a JSON file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edge.errors import ConfigError
+
+SUITE_CHOICES = ("throughput", "overhead", "reasoning", "all")
+
+
+class DefaultRunGroup(click.Group):
+    """A group whose first argument, when it names no subcommand, goes to ``run``:
+    ``edge-reason bench MODEL`` is ``edge-reason bench run MODEL``."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+def int_list(name: str, *, allow_negative: bool = False):
+    """A click callback turning ``"1,2,4"`` into ``(1, 2, 4)``."""
+
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        out = []
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                n = int(part)
+            except ValueError:
+                raise click.BadParameter(f"{part!r} is not an integer; give a comma-separated list such as 1,2,4") from None
+            if n < (-1 if allow_negative else 1):
+                raise click.BadParameter(f"{n} is out of range for {name}")
+            out.append(n)
+        if not out:
+            raise click.BadParameter(f"{name} needs at least one value")
+        return tuple(dict.fromkeys(out))
+
+    return convert
+
+
+def parse_suites(value: str) -> tuple[str, ...]:
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [s for s in names if s not in SUITE_CHOICES]
+    if bad or not names:
+        raise ConfigError(f"unknown suite {', '.join(bad) or '(none)'}; choose from: {', '.join(SUITE_CHOICES)} (comma-separated)")
+    if "all" in names:
+        return ("throughput", "overhead", "reasoning")
+    return tuple(dict.fromkeys(names))
+
+
+@click.group(cls=DefaultRunGroup)
+def bench() -> None:
+    """Benchmark throughput, overhead and reasoning cost on this device (`bench MODEL` = `bench run MODEL`)."""
+
+
+@bench.command("run")
+@click.argument("model", required=False)
+@click.option("--suite", "suite", default="all", show_default=True, help="throughput | overhead | reasoning | all (comma-separated).")
+@click.option("--quick", is_flag=True, help="Short lengths, few repeats, one problem per level: about a minute on a small model.")
+@click.option("--threads", callback=int_list("--threads"), default=None, help="Thread counts to compare, e.g. 1,2,4 (default: physical cores).")
+@click.option("--gpu-layers", callback=int_list("--gpu-layers", allow_negative=True), default=None,
+              help="GPU layer settings to compare, e.g. 0,16,-1 (-1 = all; default 0,-1 where a GPU is usable, else 0).")
+@click.option("--ctx", "n_ctx", type=int, default=None, help="Context size (default 4096, 1024 with --quick; clipped to the model's).")
+@click.option("--prompt-lengths", callback=int_list("--prompt-lengths"), default=None, help="Prefill lengths (default 128,512,2048).")
+@click.option("--depths", callback=int_list("--depths"), default=None, help="Context depths for decode speed (default 64,512,2048).")
+@click.option("--decode-tokens", type=int, default=None, help="Tokens per decode run (default 128, 32 with --quick).")
+@click.option("--repeats", type=int, default=None, help="Measured runs per figure (default 5, 3 with --quick).")
+@click.option("--warmup", type=int, default=None, help="Unmeasured warm-up runs per figure (default 1).")
+@click.option("--task", default=None, help="Reasoning task (default tiny-r1): tiny-r1 | gsm8k | math500 | aime24 | amc23.")
+@click.option("--per-level", type=int, default=None, help="Reasoning problems per difficulty level (default 5, 1 with --quick).")
+@click.option("--limit", type=int, default=None, help="Reasoning problems in all (overrides --per-level).")
+@click.option("--policy", "policies", multiple=True, help="Reasoning policy, repeatable (default: unlimited, budget:128, early-exit).")
+@click.option("--max-tokens", type=int, default=None, help="Cap on generated tokens per reasoning problem (default 2048, 256 with --quick).")
+@click.option("--device-name", default=None, help="Label for this device in records and reports (default: derived from the CPU/SoC).")
+@click.option("--notes", default=None, help="Free text stored in the record (e.g. 'on battery, power saver').")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Record file (default: ./<device>-<date>-<time>.json).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def run_cmd(model, suite, quick, threads, gpu_layers, n_ctx, prompt_lengths, depths, decode_tokens, repeats, warmup, task,
+            per_level, limit, policies, max_tokens, device_name, notes, out, force, quiet) -> None:
+    """Measure MODEL (a GGUF file; default: the bundled tiny-r1) on this device and write one JSON record."""
+    from benchmarks.bench import report, schema, suites
+
+    given = {
+        "suites": parse_suites(suite), "threads": threads, "gpu_layers": gpu_layers, "n_ctx": n_ctx,
+        "prompt_lengths": prompt_lengths, "depths": depths, "decode_tokens": decode_tokens, "repeats": repeats,
+        "warmup": warmup, "task": task, "per_level": per_level, "limit": limit, "policies": tuple(policies) or None,
+        "max_tokens": max_tokens,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    cfg = suites.BenchConfig.quick_config(**given) if quick else suites.BenchConfig(**given)
+    if "reasoning" in cfg.suites:  # fail on a bad task or policy now, not after the throughput suite
+        from benchmarks import harness
+
+        for spec in cfg.policies:
+            harness.parse_policies(spec)
+        suites.reasoning_items(cfg)
+    if out is not None:
+        schema.check_output_path(out, force=force)
+    progress = suites.Progress(enabled=not quiet)
+    record = suites.run(model, cfg, progress=progress, device_name=device_name, notes=notes)
+    path = out if out is not None else Path(suites.default_record_name(record))
+    schema.write_record(record, path, force=force)
+    click.echo(report.markdown([record]))
+    click.echo(f"wrote {path}", err=True)
+
+
+@bench.command("report")
+@click.argument("records", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for report.md and the PNG plots.")
+@click.option("--no-plots", is_flag=True, help="Write report.md only.")
+def report_cmd(records, out, no_plots) -> None:
+    """Merge RECORDS (JSON files, or folders of them) from many devices into tables and plots."""
+    from benchmarks.bench import report
+
+    recs = report.load_records(records)
+    click.echo(report.markdown(recs), nl=False)
+    if out is not None:
+        for p in report.write_report(recs, out, plots=not no_plots):
+            click.echo(f"wrote {p}", err=True)
