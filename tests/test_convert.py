@@ -221,6 +221,43 @@ def test_chunked_streaming_writes_identical_file(ckpts, gguf_of, tmp_path, monke
     assert out.read_bytes() == gguf_of("llama", "f32").read_bytes()
 
 
+def _tensors(path: Path) -> dict[str, bytes]:
+    import gguf
+
+    return {t.name: t.data.tobytes() for t in gguf.GGUFReader(path).tensors}
+
+
+def test_sharded_safetensors_and_pytorch_bin_convert_alike(ckpts, gguf_of, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from convert import to_gguf
+
+    src = ckpts["llama"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="1MB")  # into a fresh folder: never through a link
+    for f in src.iterdir():
+        if not (sharded / f.name).exists() and f.name != "model.safetensors":
+            (sharded / f.name).symlink_to(f)
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+
+    binned = _copy_ckpt(src, tmp_path / "bin", skip=("model.safetensors",))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
+        file = f"pytorch_model-0000{i}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, binned / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (binned / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    reference = _tensors(gguf_of("llama", "f32"))
+    for folder in (sharded, binned):
+        out = to_gguf(folder, tmp_path / f"{folder.name}.gguf", quant="f32", progress=False)
+        assert _tensors(out) == reference, folder.name
+
+
 # -- verify catches broken conversions -----------------------------------------------------------
 
 
