@@ -155,7 +155,7 @@ class Runtime:
         model: str | None = None,
         *,
         backend: str | Backend = "llamacpp",
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
         threads: int | None = None,
         device: str = "auto",
         gpu_layers: int | None = None,

@@ -27,6 +27,30 @@ from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFo
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "metal")
+DEFAULT_CTX = 4096
+
+
+_native_log = logging.getLogger("llama.cpp")
+_LOG_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+_log_callback = None
+
+
+def _install_log_callback(llama_cpp) -> None:
+    """Route llama.cpp's own log lines to the ``llama.cpp`` logger (shown with ``-v``), so
+    nothing native is printed on the user's terminal."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        if _native_log.isEnabledFor(logging.DEBUG):
+            msg = text.decode("utf-8", errors="replace").rstrip()
+            if msg:
+                _native_log.log(_LOG_LEVELS.get(level, logging.DEBUG) if level in _LOG_LEVELS else logging.DEBUG, msg)
+
+    _log_callback = callback  # keep a reference: llama.cpp holds the pointer
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 def _llama_cpp():
@@ -34,7 +58,31 @@ def _llama_cpp():
         import llama_cpp
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise BackendError("llama-cpp-python is not installed: pip install llama-cpp-python") from exc
+    _install_log_callback(llama_cpp)
     return llama_cpp
+
+
+def n_ctx_train(path: str | os.PathLike) -> int:
+    """The context length the model was trained with, read by llama.cpp without loading
+    weights (``vocab_only``); 0 when unknown."""
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        return 0
+    try:
+        buf = ctypes.create_string_buffer(256)
+
+        def meta(key: str) -> str | None:
+            n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+            return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+        arch = meta("general.architecture")
+        value = meta(f"{arch}.context_length") if arch else None
+        return int(value) if value and value.isdigit() else 0
+    finally:
+        llama_cpp.llama_model_free(model)
 
 
 def check_gguf_file(path: str | os.PathLike) -> Path:
@@ -97,7 +145,7 @@ class LlamaCppBackend:
         self,
         model: str | os.PathLike,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
         threads: int | None = None,
         device: str = "auto",
         gpu_layers: int | None = None,
@@ -105,11 +153,15 @@ class LlamaCppBackend:
         seed: int = 0,
         flash_attn: bool = False,
     ) -> None:
-        if n_ctx < 16:
+        if n_ctx is not None and n_ctx < 16:
             raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
         path = check_gguf_file(model)
+        if n_ctx is None:
+            # default: 4096, or less when the model was trained for less
+            trained = n_ctx_train(path)
+            n_ctx = min(DEFAULT_CTX, trained) if trained > 0 else DEFAULT_CTX
         used_device, layers = resolve_device(device, gpu_layers)
         llama_cpp = _llama_cpp()
         self._lib = llama_cpp

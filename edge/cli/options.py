@@ -17,7 +17,7 @@ def model_options(f: Callable) -> Callable:
     opts = [
         click.option("-m", "--model", default=None, help="GGUF path, ONNX folder, or owner/repo:file.gguf (default: the bundled tiny-r1)."),
         click.option("--backend", default="llamacpp", show_default=True, help="llamacpp | onnx | remote"),
-        click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size in tokens."),
+        click.option("--ctx", "n_ctx", type=int, default=None, help="Context size in tokens (default: 4096, or the model's trained length if smaller)."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)."),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | metal"),
         click.option("--gpu-layers", type=int, default=None, help="Layers to offload (-1 = all; default all when a GPU is used)."),
