@@ -69,7 +69,13 @@ def parse_suites(value: str) -> tuple[str, ...]:
 
 @click.group(cls=DefaultRunGroup)
 def bench() -> None:
-    """Benchmark throughput, overhead and reasoning cost on this device (`bench MODEL` = `bench run MODEL`)."""
+    """Benchmark throughput, overhead and reasoning cost on this device.
+
+    \b
+      edge-reason bench run MODEL [OPTIONS]          measure; write one JSON record
+      edge-reason bench MODEL [OPTIONS]              the same (run is the default)
+      edge-reason bench report RUN.json ... [--out DIR]   tables and plots from many records
+    """
 
 
 @bench.command("run")
@@ -83,7 +89,8 @@ def bench() -> None:
 @click.option("--prompt-lengths", callback=int_list("--prompt-lengths"), default=None, help="Prefill lengths (default 128,512,2048).")
 @click.option("--depths", callback=int_list("--depths"), default=None, help="Context depths for decode speed (default 64,512,2048).")
 @click.option("--decode-tokens", type=int, default=None, help="Tokens per decode run (default 128, 32 with --quick).")
-@click.option("--repeats", type=int, default=None, help="Measured runs per figure (default 5, 3 with --quick).")
+@click.option("--repeats", type=int, default=None, help="Measured runs per figure, overhead included (default 5, 3 with --quick).")
+@click.option("--overhead-tokens", type=int, default=None, help="Tokens per overhead run (default 128, 32 with --quick).")
 @click.option("--warmup", type=int, default=None, help="Unmeasured warm-up runs per figure (default 1).")
 @click.option("--task", default=None, help="Reasoning task (default tiny-r1): tiny-r1 | gsm8k | math500 | aime24 | amc23.")
 @click.option("--per-level", type=int, default=None, help="Reasoning problems per difficulty level (default 5, 1 with --quick).")
@@ -95,7 +102,7 @@ def bench() -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Record file (default: ./<device>-<date>-<time>.json).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def run_cmd(model, suite, quick, threads, gpu_layers, n_ctx, prompt_lengths, depths, decode_tokens, repeats, warmup, task,
+def run_cmd(model, suite, quick, threads, gpu_layers, n_ctx, prompt_lengths, depths, decode_tokens, repeats, overhead_tokens, warmup, task,
             per_level, limit, policies, max_tokens, device_name, notes, out, force, quiet) -> None:
     """Measure MODEL (a GGUF file; default: the bundled tiny-r1) on this device and write one JSON record."""
     from benchmarks.bench import report, schema, suites
@@ -103,6 +110,7 @@ def run_cmd(model, suite, quick, threads, gpu_layers, n_ctx, prompt_lengths, dep
     given = {
         "suites": parse_suites(suite), "threads": threads, "gpu_layers": gpu_layers, "n_ctx": n_ctx,
         "prompt_lengths": prompt_lengths, "depths": depths, "decode_tokens": decode_tokens, "repeats": repeats,
+        "overhead_repeats": repeats, "overhead_tokens": overhead_tokens,
         "warmup": warmup, "task": task, "per_level": per_level, "limit": limit, "policies": tuple(policies) or None,
         "max_tokens": max_tokens,
     }
