@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -456,75 +455,65 @@ def llama_build() -> dict[str, Any]:
     return info
 
 
-@dataclass
-class _Probe:
-    """Everything read from this machine, before it is summarised."""
+def _blank(system: str) -> dict[str, Any]:
+    return {
+        "cpu": {"model": None, "arch": platform.machine(), "physical_cores": None, "logical_cores": None,
+                "max_mhz": None, "clusters": [], "flags": []},
+        "memory": None, "distro": None, "product": None, "soc": None, "virtualized": False, "chassis": None,
+        "android": None, "apple": None,
+    }
 
-    cpuinfo: dict[str, Any] | None = None
-    apple: dict[str, Any] | None = None
-    android: dict[str, Any] | None = None
+
+def _probe_linux(found: dict[str, Any]) -> None:
+    """Linux and Android: /proc, /sys, /etc/os-release and (Android) getprop."""
+    cpu = found["cpu"]
+    text = _read("/proc/cpuinfo")
+    if text:
+        ci = parse_cpuinfo(text)
+        freqs = _cpufreq_max_khz()
+        cpu.update(model=ci["model"], physical_cores=ci["physical_cores"], logical_cores=ci["logical_cores"],
+                   clusters=core_clusters(ci["processors"], freqs), flags=sorted(f for f in ci["flags"] if f in INTERESTING_FLAGS))
+        if freqs:
+            cpu["max_mhz"] = round(max(freqs.values()) / 1000)
+        found["virtualized"] = ci["hypervisor"]
+        if ci["hardware"]:
+            found["soc"] = {"model": ci["hardware"], "manufacturer": None}
+        if not cpu["model"] and cpu["clusters"]:
+            cpu["model"] = describe_clusters(cpu["clusters"])
+    found["memory"] = parse_meminfo(_read("/proc/meminfo") or "")
+    found["distro"] = parse_os_release(_read("/etc/os-release") or "").get("PRETTY_NAME")
+    found["chassis"] = _int(_read("/sys/class/dmi/id/chassis_type"))
+    product_name = (_read("/sys/class/dmi/id/product_name") or "").strip()
+    if product_name:
+        found["product"] = {"model": product_name, "manufacturer": (_read("/sys/class/dmi/id/sys_vendor") or "").strip() or None}
+    if is_android():
+        a = found["android"] = android_info(parse_getprop(_run(["getprop"]) or ""))
+        found["distro"] = f"Android {a['android_version']}" if a["android_version"] else "Android"
+        found["product"] = {"model": a["product_model"], "manufacturer": a["manufacturer"]}
+        if a["soc_model"]:
+            found["soc"] = {"model": a["soc_model"], "manufacturer": a["soc_manufacturer"]}
 
 
-def collect(*, name: str | None = None) -> dict[str, Any]:
-    """The fingerprint of this machine (see :data:`benchmarks.bench.schema.DEVICE`)."""
-    system = platform.system()
-    probe = _Probe()
-    cpu: dict[str, Any] = {"model": None, "arch": platform.machine(), "physical_cores": None, "logical_cores": None,
-                           "max_mhz": None, "clusters": [], "flags": []}
-    memory = None
-    os_info = {"system": system, "release": platform.release(), "version": platform.version(), "distro": None}
-    product: dict[str, Any] | None = None
-    soc: dict[str, Any] | None = None
-    virtualized = False
-    chassis = None
+def _probe_darwin(found: dict[str, Any]) -> None:
+    """macOS: sysctl (Apple Silicon performance levels included)."""
+    a = found["apple"] = apple_info(parse_sysctl(_run(["sysctl", *SYSCTL_KEYS]) or ""))
+    found["cpu"].update(model=a["cpu_model"], physical_cores=a["physical_cores"], logical_cores=a["logical_cores"], clusters=a["clusters"])
+    found["memory"] = a["memory_bytes"]
+    found["distro"] = f"macOS {platform.mac_ver()[0]}" if platform.mac_ver()[0] else None
+    found["product"] = {"model": a["hw_model"], "manufacturer": "Apple"}
+    if a["apple_silicon"]:
+        found["soc"] = {"model": a["cpu_model"], "manufacturer": "Apple"}
 
-    if system == "Linux":
-        text = _read("/proc/cpuinfo")
-        if text:
-            ci = probe.cpuinfo = parse_cpuinfo(text)
-            freqs = _cpufreq_max_khz()
-            cpu.update(model=ci["model"], physical_cores=ci["physical_cores"], logical_cores=ci["logical_cores"])
-            cpu["clusters"] = core_clusters(ci["processors"], freqs)
-            cpu["flags"] = [f for f in ci["flags"] if f in INTERESTING_FLAGS]
-            if freqs:
-                cpu["max_mhz"] = round(max(freqs.values()) / 1000)
-            virtualized = ci["hypervisor"]
-            if ci["hardware"]:
-                soc = {"model": ci["hardware"], "manufacturer": None}
-            if not cpu["model"] and cpu["clusters"]:
-                cpu["model"] = describe_clusters(cpu["clusters"])
-        memory = parse_meminfo(_read("/proc/meminfo") or "")
-        rel = parse_os_release(_read("/etc/os-release") or "")
-        os_info["distro"] = rel.get("PRETTY_NAME")
-        chassis = _int(_read("/sys/class/dmi/id/chassis_type"))
-        product_name = (_read("/sys/class/dmi/id/product_name") or "").strip()
-        if product_name:
-            product = {"model": product_name, "manufacturer": (_read("/sys/class/dmi/id/sys_vendor") or "").strip() or None}
-        if is_android():
-            props = parse_getprop(_run(["getprop"]) or "")
-            a = probe.android = android_info(props)
-            os_info.update(system="Android", distro=f"Android {a['android_version']}" if a["android_version"] else "Android")
-            product = {"model": a["product_model"], "manufacturer": a["manufacturer"]}
-            if a["soc_model"]:
-                soc = {"model": a["soc_model"], "manufacturer": a["soc_manufacturer"]}
-    elif system == "Darwin":
-        a = probe.apple = apple_info(parse_sysctl(_run(["sysctl", *SYSCTL_KEYS]) or ""))
-        cpu.update(model=a["cpu_model"], physical_cores=a["physical_cores"], logical_cores=a["logical_cores"], clusters=a["clusters"])
-        memory = a["memory_bytes"]
-        os_info["distro"] = f"macOS {platform.mac_ver()[0]}" if platform.mac_ver()[0] else None
-        product = {"model": a["hw_model"], "manufacturer": "Apple"}
-        if a["apple_silicon"]:
-            soc = {"model": a["cpu_model"], "manufacturer": "Apple"}
-    else:
-        cpu["model"] = platform.processor() or None
-        os_info["distro"] = f"{system} {platform.release()}"
 
+def _probe_psutil(found: dict[str, Any]) -> None:
+    """Fill what the OS-specific probes left open (and everything on Windows)."""
+    cpu = found["cpu"]
     try:
         import psutil
 
         cpu["physical_cores"] = cpu["physical_cores"] or psutil.cpu_count(logical=False)
         cpu["logical_cores"] = cpu["logical_cores"] or psutil.cpu_count(logical=True)
-        memory = memory or int(psutil.virtual_memory().total)
+        found["memory"] = found["memory"] or int(psutil.virtual_memory().total)
         if cpu["max_mhz"] is None:
             f = psutil.cpu_freq()
             cpu["max_mhz"] = round(f.max) if f and f.max else None
@@ -532,31 +521,45 @@ def collect(*, name: str | None = None) -> dict[str, Any]:
         pass
     cpu["logical_cores"] = cpu["logical_cores"] or os.cpu_count()
 
-    gpus = parse_nvidia_smi(_run(["nvidia-smi", *NVIDIA_SMI_QUERY]) or "")
-    if not gpus and probe.apple and probe.apple["apple_silicon"]:
-        gpus = [{"name": f"{probe.apple['cpu_model']} GPU", "memory_bytes": None, "driver": None, "vendor": "apple", "unified_memory": True}]
 
-    bat = battery()
-    android = probe.android is not None
-    device_class = classify_device(system=system, android=android, tablet=bool(probe.android and probe.android["tablet"]),
-                                   has_battery=bat is not None if system in ("Darwin", "Linux", "Windows") else None,
-                                   chassis_type=chassis, virtualized=virtualized)
-    if android:
-        label_src = " ".join(filter(None, ((product or {}).get("manufacturer"), (product or {}).get("model"))))
+def collect(*, name: str | None = None) -> dict[str, Any]:
+    """The fingerprint of this machine (see :data:`benchmarks.bench.schema.DEVICE`)."""
+    system = platform.system()  # "Android" on Python >= 3.13 under Termux, "Linux" before
+    found = _blank(system)
+    if system in ("Linux", "Android"):
+        _probe_linux(found)
+    elif system == "Darwin":
+        _probe_darwin(found)
     else:
-        label_src = (soc or {}).get("model") if probe.apple else cpu["model"]
-    label = name or slug(f"{label_src or platform.machine()}-{cpu['logical_cores'] or 0}t")
+        found["cpu"]["model"] = platform.processor() or None
+        found["distro"] = f"{system} {platform.release()}"
+    _probe_psutil(found)
+    cpu, android, apple = found["cpu"], found["android"], found["apple"]
+
+    gpus = parse_nvidia_smi(_run(["nvidia-smi", *NVIDIA_SMI_QUERY]) or "")
+    if not gpus and apple and apple["apple_silicon"]:
+        gpus = [{"name": f"{apple['cpu_model']} GPU", "memory_bytes": None, "driver": None, "vendor": "apple", "unified_memory": True}]
+    bat = battery()
+    device_class = classify_device(system=system, android=android is not None, tablet=bool(android and android["tablet"]),
+                                   has_battery=bat is not None if system in ("Darwin", "Linux", "Windows") else None,
+                                   chassis_type=found["chassis"], virtualized=found["virtualized"])
+    product = found["product"] or {}
+    if android:
+        label_src = " ".join(filter(None, (product.get("manufacturer"), product.get("model"))))
+    else:
+        label_src = (found["soc"] or {}).get("model") if apple else cpu["model"]
     import edge
 
     return {
-        "label": label,
+        "label": name or slug(f"{label_src or platform.machine()}-{cpu['logical_cores'] or 0}t"),
         "class": device_class,
-        "virtualized": virtualized,
-        "os": os_info,
+        "virtualized": found["virtualized"],
+        "os": {"system": "Android" if android else system, "release": platform.release(), "version": platform.version(),
+               "distro": found["distro"]},
         "cpu": cpu,
-        "memory_bytes": memory,
-        "product": product,
-        "soc": soc,
+        "memory_bytes": found["memory"],
+        "product": found["product"],
+        "soc": found["soc"],
         "gpus": gpus,
         "battery": bat,
         "energy_source": energy_source(),

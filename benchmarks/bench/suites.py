@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 from benchmarks.bench import fingerprint
 from benchmarks.bench.schema import KIND, SCHEMA_VERSION, SUITES
-from edge.errors import ConfigError
+from edge.errors import BackendError, ConfigError
 
 # Neutral prose, tokenized once and tiled to any prompt length.
 FILLER = (
@@ -218,67 +218,78 @@ def _clip(values: Sequence[int], cap: int) -> list[int]:
 
 # -- throughput --------------------------------------------------------------------------------
 
-def throughput_config(model: str, threads: int, gpu_layers: int, cfg: BenchConfig, n_ctx: int, progress: Progress) -> dict[str, Any]:
+def repeated(cfg: BenchConfig, sample: Callable[[], float]) -> dict[str, Any]:
+    """``cfg.warmup`` unmeasured calls, then the spread of ``cfg.repeats`` measured ones."""
+    for _ in range(cfg.warmup):
+        sample()
+    return spread([sample() for _ in range(cfg.repeats)])
+
+
+def prefill_rate(backend, tokens: Sequence[int]) -> float:
+    """Tokens/s of evaluating ``tokens`` from an empty cache (one backend call, as the loop does)."""
+    backend.rollback(0)
+    t = time.perf_counter()
+    backend.eval(tokens)
+    return len(tokens) / (time.perf_counter() - t)
+
+
+def decode_rate(backend, context: Sequence[int], tokens: int) -> float:
+    """Tokens/s of the generation loop after ``context``: ``(n - 1) / (t_last - t_first)``,
+    prefill excluded, EOS ignored so exactly ``tokens`` are generated."""
     from edge.generate import generate
     from edge.params import SamplingParams
-    from edge.runtime import Runtime, collect
+    from edge.runtime import collect
 
+    backend.rollback(0)
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=tokens, ignore_eos=True)
+    st = collect(generate(backend, list(context), params)).stats
+    if st.completion_tokens != tokens or st.time_to_first_token is None:
+        raise BackendError(f"decode produced {st.completion_tokens} tokens instead of {tokens} ({st.finish_reason})")
+    return (tokens - 1) / (st.total_seconds - st.time_to_first_token)
+
+
+def first_token_seconds(rt, prompt: str) -> float:
+    """Seconds from a templated prompt (empty cache) to the first sampled token."""
+    from edge.params import SamplingParams
+    from edge.runtime import collect
+
+    rt.backend.rollback(0)
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=1, ignore_eos=True)
+    return float(collect(rt.complete(prompt, params)).stats.time_to_first_token)
+
+
+def throughput_config(model: str, threads: int, gpu_layers: int, cfg: BenchConfig, n_ctx: int, progress: Progress) -> dict[str, Any]:
+    """Every throughput figure for one (threads, GPU layers) setting."""
     from benchmarks.overhead import PROMPT
+    from edge.runtime import Runtime
 
     tag = f"throughput threads={threads} gpu_layers={gpu_layers}"
     with fingerprint.EnergyMeter() as energy, RssSampler() as rss:
         t0 = time.perf_counter()
         rt = Runtime(model, n_ctx=n_ctx, threads=threads, device="auto", gpu_layers=gpu_layers)
         load = time.perf_counter() - t0
-        progress(f"{tag}: loaded in {load:.2f} s ({rt.backend.info.device}, context {rt.backend.n_ctx})")
         try:
             backend = rt.backend
+            progress(f"{tag}: loaded in {load:.2f} s ({backend.info.device}, context {backend.n_ctx})")
             lengths = _clip(cfg.prompt_lengths, backend.n_ctx - 1)
             depths = _clip(cfg.depths, backend.n_ctx - cfg.decode_tokens - 2)
+            if not lengths or not depths:
+                raise ConfigError(f"a context of {backend.n_ctx} tokens is too small for {cfg.decode_tokens} decode tokens; use a larger --ctx")
             filler = filler_tokens(rt, max(lengths + depths))
-            greedy = SamplingParams(temperature=0.0, top_p=1.0, ignore_eos=True)
-
-            def timed(n_runs: int, fn: Callable[[], float]) -> list[float]:
-                for _ in range(cfg.warmup):
-                    fn()
-                return [fn() for _ in range(n_runs)]
-
-            def prefill_once(n: int) -> float:
-                backend.rollback(0)
-                t = time.perf_counter()
-                backend.eval(filler[:n])
-                return n / (time.perf_counter() - t)
 
             prefill = []
             for n in lengths:
-                s = spread(timed(cfg.repeats, lambda: prefill_once(n)))
+                s = repeated(cfg, lambda: prefill_rate(backend, filler[:n]))
                 prefill.append({"tokens": n, "tok_s": s})
                 progress(f"{tag}: prefill {n:>5} tokens  {s['median']:8.1f} tok/s (min {s['min']:.1f}, max {s['max']:.1f})")
-
-            def decode_once(depth: int) -> float:
-                backend.rollback(0)
-                params = greedy.with_(max_tokens=cfg.decode_tokens)
-                st = collect(generate(backend, filler[:depth], params)).stats
-                n = st.completion_tokens
-                if n != cfg.decode_tokens or st.time_to_first_token is None:
-                    raise ConfigError(f"decode produced {n} tokens instead of {cfg.decode_tokens}")
-                return (n - 1) / (st.total_seconds - st.time_to_first_token)
-
             decode = []
             for d in depths:
-                s = spread(timed(cfg.repeats, lambda: decode_once(d)))
+                s = repeated(cfg, lambda: decode_rate(backend, filler[:d], cfg.decode_tokens))
                 decode.append({"depth": d, "tokens": cfg.decode_tokens, "tok_s": s})
                 progress(f"{tag}: decode at depth {d:>5}  {s['median']:8.1f} tok/s (min {s['min']:.1f}, max {s['max']:.1f})")
-
             prompt = rt.render([{"role": "user", "content": PROMPT}])
             prompt_tokens = len(rt.tokenize_prompt(prompt))
-
-            def ttft_once() -> float:
-                backend.rollback(0)
-                st = collect(rt.complete(prompt, greedy.with_(max_tokens=1))).stats
-                return float(st.time_to_first_token)
-
-            ttft = spread(timed(cfg.repeats, ttft_once))
+            ttft = repeated(cfg, lambda: first_token_seconds(rt, prompt))
             progress(f"{tag}: time to first token ({prompt_tokens}-token chat prompt) {1000 * ttft['median']:.1f} ms")
             info = backend.info
         finally:
@@ -399,13 +410,11 @@ def resolve_settings(cfg: BenchConfig, device: dict[str, Any]) -> tuple[list[int
 def run(model: str | os.PathLike | None, cfg: BenchConfig, *, progress: Progress | None = None,
         device_name: str | None = None, argv: Sequence[str] | None = None, notes: str | None = None) -> dict[str, Any]:
     """Run the suites of ``cfg`` on ``model`` and return one record (see :mod:`.schema`)."""
+    from edge.backends.llamacpp import check_gguf_file
     from edge.models import resolve_model
 
     progress = progress or Progress(enabled=False)
-    path = str(resolve_model(model))
-    from edge.backends.llamacpp import check_gguf_file
-
-    check_gguf_file(path)
+    path = str(check_gguf_file(resolve_model(model)))
     t0 = time.perf_counter()
     device = fingerprint.collect(name=device_name)
     threads, layers = resolve_settings(cfg, device)
