@@ -116,7 +116,7 @@ class RemoteBackend:
         self,
         model: str,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
         api_key: str | None = None,
         top_logprobs: int = 20,
         timeout: float = 120.0,
@@ -129,7 +129,7 @@ class RemoteBackend:
             raise ConfigError(f"the remote backend needs a server URL such as http://127.0.0.1:8080/v1, got {model!r}")
         if not 1 <= top_logprobs <= 20:
             raise ConfigError(f"top_logprobs must be in [1, 20], got {top_logprobs}")
-        if n_ctx < 16:
+        if n_ctx is not None and n_ctx < 16:
             raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
         self._scheme, self._host, self._port = url.scheme, url.hostname, url.port
         self._root = url.path.rstrip("/").removesuffix("/v1")
@@ -156,7 +156,8 @@ class RemoteBackend:
             self._n_vocab = DEFAULT_VOCAB
         server_ctx = int((props.get("default_generation_settings") or {}).get("n_ctx") or meta.get("n_ctx") or meta.get("n_ctx_train") or 0)
         # the server needs room for the one token it generates per request
-        self._n_ctx = min(n_ctx, server_ctx - 1) if server_ctx else n_ctx
+        limits = [n for n in (n_ctx, server_ctx - 1 if server_ctx else None) if n]
+        self._n_ctx = min(limits) if limits else 4096
         self._template = props.get("chat_template") or None
         self._bos = props.get("bos_token") or ""
         self._eos = props.get("eos_token") or ""

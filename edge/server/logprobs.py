@@ -16,6 +16,7 @@ from edge.control.base import Controller
 
 class LogprobRecorder(Controller):
     name = "logprobs"
+    needs_logprobs = True
 
     def on_token(self, gen, sampled) -> None:
         backend = gen.backend
