@@ -17,5 +17,6 @@ from __future__ import annotations
 from convert.pipeline import to_gguf
 from convert.quantize import QUANT_TYPES, quantize
 from convert.verify import Thresholds, VerifyReport, verify
+from convert.onnx import to_onnx, verify_onnx
 
-__all__ = ["QUANT_TYPES", "Thresholds", "VerifyReport", "quantize", "to_gguf", "verify"]
+__all__ = ["QUANT_TYPES", "Thresholds", "VerifyReport", "quantize", "to_gguf", "to_onnx", "verify", "verify_onnx"]

@@ -216,7 +216,15 @@ def verify(
     ``prompts`` defaults to :data:`DEFAULT_PROMPTS`; with ``chat`` and a chat template, one
     rendered chat prompt is added. Each text is cut to ``max_tokens`` tokens. The source model is
     loaded in float32, so verifying a large model needs about 4 bytes per parameter of RAM.
+
+    A folder instead of a GGUF file is taken as an ONNX export (``edge-reason convert onnx``)
+    and checked the same way by :func:`convert.onnx.verify_onnx`.
     """
+    if Path(gguf_path).expanduser().is_dir():
+        from convert.onnx import verify_onnx
+
+        return verify_onnx(src, gguf_path, prompts=prompts, heldout=heldout, chat=chat, thresholds=thresholds,
+                           max_tokens=max_tokens, n_threads=n_threads, revision=revision)
     import torch
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -8,8 +8,9 @@ time only onnxruntime, numpy and tokenizers are imported (no torch, no transform
   inputs and keeps the ``present.*`` outputs as the new cache: several tokens at once for a
   prefill (in chunks of ``n_batch``), one at a time for decoding. When the graph has a
   ``logits_to_keep`` input only the last position's logits are computed.
-- The KV cache is a list of numpy arrays ``[1, kv_heads, n_past, head_dim]``; ``rollback(n)``
-  slices them to their first ``n`` positions. Nothing is re-evaluated.
+- The KV cache is the list of ``present.*`` OrtValues ``[1, kv_heads, n_past, head_dim]`` of
+  the last run, fed back as they are (no copy into numpy between steps); ``rollback(n)`` slices
+  them to their first ``n`` positions. Nothing is re-evaluated.
 - Tokenization uses the model's ``tokenizer.json`` (special tokens parsed, BOS per
   ``tokenizer_config.json``); ``token_bytes`` maps byte-level BPE symbols back to raw bytes, so a
   token may be part of a UTF-8 character, exactly as llama.cpp reports it.
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "edge_onnx.json"
 MODEL_FILE = "model.onnx"
+DEFAULT_CTX = 4096
 
 # device name -> ONNX Runtime execution provider
 PROVIDERS: dict[str, str] = {
@@ -211,19 +213,19 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
 
 
 class OnnxBackend:
-    """One ONNX Runtime session holding one sequence (its KV cache as numpy arrays)."""
+    """One ONNX Runtime session holding one sequence (its KV cache as OrtValues)."""
 
     def __init__(
         self,
         model: str | os.PathLike,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
         threads: int | None = None,
         device: str = "auto",
         n_batch: int = 512,
         **_: Any,
     ) -> None:
-        if n_ctx < 16:
+        if n_ctx is not None and n_ctx < 16:
             raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
@@ -232,6 +234,7 @@ class OnnxBackend:
         self._sess = None
         folder, model_file = find_model(model)
         ort = _onnxruntime()
+        self._ort = ort
         used_device, providers = resolve_providers(device, ort.get_available_providers())
         self._load_tokenizer(folder)
         self._manifest = _read_json(folder / MANIFEST)
@@ -254,13 +257,17 @@ class OnnxBackend:
             raise InvalidModelError(f"{model_file} is not a loadable ONNX model (truncated, corrupt or unsupported): {_one_line(exc)}") from None
         self._bind_io(model_file)
         active = self._sess.get_providers()
+        log.debug("onnxruntime %s: %s on %s", ort.__version__, model_file, ", ".join(active))
         if providers[0] not in active:
             self.close()
             raise ConfigError(f"{providers[0]} could not be started for this model (active: {', '.join(active)}); try --device cpu")
+        if n_ctx is None:  # as llama.cpp: 4096, or the model's trained length if smaller
+            trained = int(self._manifest.get("max_position_embeddings") or self._config.get("max_position_embeddings") or 0)
+            n_ctx = min(DEFAULT_CTX, trained) if trained > 0 else DEFAULT_CTX
         self._n_ctx = int(n_ctx)
         self._n_batch = int(n_batch)
         self._tokens: list[int] = []
-        self._kv: list[np.ndarray] = self._empty_cache()
+        self._kv: list[Any] = self._empty_cache()
         n_accel = [p for p in ort.get_available_providers() if p not in ("CPUExecutionProvider", "AzureExecutionProvider")]
         self.info = BackendInfo(
             name="onnx",
@@ -329,8 +336,12 @@ class OnnxBackend:
         vocab = logits_shape[-1] if isinstance(logits_shape[-1], int) else self._config.get("vocab_size")
         self._n_vocab = int(vocab or self._tok.get_vocab_size(with_added_tokens=True))
 
-    def _empty_cache(self) -> list[np.ndarray]:
-        return [np.zeros((1, *self._kv_shape[:1], 0, self._kv_shape[1]), self._kv_dtype) for _ in self._past_names]
+    def _empty_cache(self) -> list[Any]:
+        empty = np.zeros((1, self._kv_shape[0], 0, self._kv_shape[1]), self._kv_dtype)
+        return [self._ortvalue(empty) for _ in self._past_names]
+
+    def _ortvalue(self, array: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"))  # keeps 0-d arrays 0-d
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -412,21 +423,22 @@ class OnnxBackend:
         commits the chunk and its keys/values only if the run succeeded."""
         n_past = len(self._tokens)
         total = n_past + len(chunk)
-        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([chunk], dtype=np.int64)}
+        arrays = {"input_ids": np.asarray([chunk], dtype=np.int64)}
         if self._mask_name:
-            feeds[self._mask_name] = np.ones((1, total), dtype=np.int64)
+            arrays[self._mask_name] = np.ones((1, total), dtype=np.int64)
         if self._pos_name:
-            feeds[self._pos_name] = np.arange(n_past, total, dtype=np.int64)[None]
+            arrays[self._pos_name] = np.arange(n_past, total, dtype=np.int64)[None]
         if self._keep_name:
-            feeds[self._keep_name] = np.array(keep, dtype=np.int64)
+            arrays[self._keep_name] = np.array(keep, dtype=np.int64)
+        feeds = {name: self._ortvalue(a) for name, a in arrays.items()}
         feeds.update(zip(self._past_names, self._kv))
         try:
-            outs = self._sess.run(self._out_names, feeds)
+            outs = self._sess.run_with_ort_values(self._out_names, feeds)
         except self._ort_errors as exc:
             raise BackendError(f"onnxruntime failed at position {n_past}: {_one_line(exc)}") from None
-        self._kv = outs[1:]
+        self._kv = list(outs[1:])
         self._tokens.extend(chunk)
-        logits = outs[0][0]
+        logits = outs[0].numpy()[0]
         return logits[-keep:] if keep else logits
 
     def _check_room(self, n: int) -> None:
@@ -463,7 +475,7 @@ class OnnxBackend:
         if n_past == len(self._tokens):
             return
         # [1, kv_heads, n, head_dim] slices are strided; one contiguous copy per rollback.
-        self._kv = [np.ascontiguousarray(a[:, :, :n_past]) for a in self._kv]
+        self._kv = [self._ortvalue(v.numpy()[:, :, :n_past]) for v in self._kv]
         del self._tokens[n_past:]
 
     def close(self) -> None:

@@ -52,7 +52,7 @@ def quantize_cmd(src_gguf: Path, out: Path, quant: str, force: bool) -> None:
 
 @convert.command("verify")
 @click.argument("src")
-@click.argument("gguf_path", metavar="GGUF", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("gguf_path", metavar="GGUF", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt to compare on (repeatable; default: built-in set).")
 @click.option("--min-top1", type=float, help="Override the minimum top-1 agreement for this type.")
@@ -64,7 +64,8 @@ def verify_cmd(src: str, gguf_path: Path, as_json: bool, prompts: tuple[str, ...
                max_kl: float | None, max_tokens: int, threads: int, revision: str | None) -> None:
     """Compare GGUF with its source SRC: tokenizer, top-1 agreement, KL, perplexity.
 
-    Exits with status 3 when the GGUF fails the thresholds of its type.
+    Exits with status 3 when the GGUF fails the thresholds of its type. GGUF may also be an
+    ONNX folder written by `convert onnx` (checked with ONNX Runtime, thresholds by weights type).
     """
     from convert import Thresholds, verify
     from convert.verify import THRESHOLDS, gguf_quant_type
@@ -75,7 +76,12 @@ def verify_cmd(src: str, gguf_path: Path, as_json: bool, prompts: tuple[str, ...
         raise ConfigError(f"--max-kl must be positive, got {max_kl}")
     thresholds = None
     if min_top1 is not None or max_kl is not None:
-        base = THRESHOLDS[gguf_quant_type(gguf_path)] if gguf_path.is_file() else Thresholds(0.0, math.inf)
+        if gguf_path.is_dir():
+            from convert.onnx import onnx_thresholds
+
+            base = onnx_thresholds(gguf_path)
+        else:
+            base = THRESHOLDS[gguf_quant_type(gguf_path)] if gguf_path.is_file() else Thresholds(0.0, math.inf)
         thresholds = Thresholds(base.min_top1 if min_top1 is None else min_top1, base.max_mean_kl if max_kl is None else max_kl)
     report = verify(src, gguf_path, prompts=list(prompts) or None, thresholds=thresholds, max_tokens=max_tokens,
                     n_threads=threads, revision=revision)
@@ -105,3 +111,35 @@ def _report(report, *, as_json: bool) -> None:
         click.echo(f"{'result':<20} {'PASS' if report.passed else 'FAIL'}")
     if not report.passed:
         raise VerificationError(f"{report.gguf} failed verification: {'; '.join(report.failures)}")
+
+
+@convert.command("onnx")
+@click.argument("src")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-w", "--weights", default="fp32", show_default=True,
+              type=click.Choice(("fp32", "fp16", "int8", "int4"), case_sensitive=False),
+              help="Weight type: fp32 as is, fp16 stored as half, int8 (see --int8-method), int4 (MatMulNBits).")
+@click.option("--int8-method", default="dynamic", show_default=True, type=click.Choice(("dynamic", "blockwise")),
+              help="int8: dynamic (QInt8 per channel, standard ONNX ops) or blockwise (8-bit MatMulNBits, more accurate).")
+@click.option("--block-size", default=32, show_default=True, type=int, help="int4 / blockwise int8: quantization block size.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4),
+              help="int4 / blockwise int8: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
+@click.option("--lm-head-bits", default=8, show_default=True, type=click.Choice(("4", "8")),
+              help="int4: bits of the output projection (8 keeps top-1 agreement much higher).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")
+@click.option("--verify", "run_verify", is_flag=True,
+              help="Verify the result against SRC afterwards (needs torch and transformers).")
+def onnx_cmd(src: str, out_dir: Path, weights: str, int8_method: str, block_size: int, accuracy_level: int | None,
+             lm_head_bits: str, force: bool, revision: str | None, run_verify: bool) -> None:
+    """Export SRC (a checkpoint folder or hub repo id) to the ONNX Runtime model folder OUT_DIR.
+
+    Run it with `edge-reason run --backend onnx -m OUT_DIR`.
+    """
+    from convert.onnx import to_onnx, verify_onnx
+
+    path = to_onnx(src, out_dir, weights=weights.lower(), force=force, block_size=block_size, accuracy_level=accuracy_level,
+                   int8_method=int8_method, lm_head_bits=int(lm_head_bits), revision=revision)
+    click.echo(f"wrote {path} ({weights.lower()})", err=True)
+    if run_verify:
+        _report(verify_onnx(src, path, revision=revision), as_json=False)

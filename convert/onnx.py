@@ -1,0 +1,820 @@
+"""``to_onnx``: a Hugging Face checkpoint to an ONNX Runtime model folder, optionally quantized.
+
+The decoder graph (Qwen2 / Llama, i.e. the R1-Distill families) is written directly from the
+checkpoint's weights with :mod:`onnx` (standard opset-17 operators; ONNX Runtime fuses the
+RMSNorm pattern itself), then quantized with ONNX Runtime's own tools. The fp32, fp16 and
+dynamic-int8 graphs use standard operators only; the MatMulNBits types (int4, blockwise int8)
+need ONNX Runtime's contrib kernels (CPU, CUDA, WebGPU, ...):
+
+* ``fp32``: the weights as they are (float32);
+* ``fp16``: MatMul weights and the embedding stored as float16 (half the file), cast to float32
+  when the session loads them (ONNX Runtime folds the casts), compute stays float32;
+* ``int8`` (``int8_method="dynamic"``, the default): ``onnxruntime.quantization.quantize_dynamic``
+  on the weight MatMuls (QInt8, per output channel; activations quantized per tensor at run time,
+  MatMulInteger — standard ONNX operators); attention MatMuls stay float32;
+* ``int8`` with ``int8_method="blockwise"``: 8-bit ``MatMulNBits`` (symmetric, ``block_size``),
+  weight-only: 30x lower KL than dynamic int8 (table below), but a contrib operator;
+* ``int4``: ``MatMulNBitsQuantizer`` (RTN, symmetric, ``block_size`` 32 by default,
+  ``accuracy_level`` passed through) on the weight MatMuls; the output projection gets
+  ``lm_head_bits`` = 8 by default (as llama.cpp's Q4_K_M keeps output.weight at 6 bits).
+
+In the quantized types the embedding table is stored as float16 (it is a Gather, not a MatMul).
+q/k/v and gate/up projections are exported as one MatMul each (weights concatenated along the
+output axis, which per-column and blockwise quantization treat exactly as separate matrices).
+
+Why not optimum's exporter: optimum-onnx 0.1 requires transformers < 4.58 and fails to import
+with the transformers 5 this project uses; tracing the PyTorch model would also tie the export
+to transformers' internals. A graph written from the weights is small, fast to build and its
+numerics are checked against transformers by :func:`verify_onnx` (and the tests).
+
+The graph's interface follows the usual "text-generation-with-past" convention (the runtime
+backend, :mod:`edge.backends.onnx`, reads the names from the session, so an optimum export of
+the same model is meant to load too; untested, optimum cannot be installed here)::
+
+    inputs   input_ids [batch, seq] int64, attention_mask [batch, past+seq] int64,
+             position_ids [batch, seq] int64, logits_to_keep [] int64 (0 = all positions),
+             past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim] float32
+    outputs  logits [batch, kept, vocab] float32,
+             present.{i}.key / .value [batch, kv_heads, past+seq, head_dim] float32
+
+The output folder holds everything the backend needs, nothing is downloaded later:
+``model.onnx`` (+ ``model.onnx.data`` for models over ~1.5 GiB), ``config.json``,
+``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json`` (with the chat
+template) and ``edge_onnx.json`` (weights type, source, BOS/EOS, chat template, graph I/O).
+
+Parity thresholds used by :func:`verify_onnx` (:data:`THRESHOLDS`, top-1 agreement >= and
+mean KL(source || onnx) < ; override with ``thresholds=``)::
+
+    type             top-1 >=   mean KL <
+    fp32             0.999      1e-4       same weights; only summation order differs
+    fp16             0.99       1e-3       one rounding of each weight
+    int8 (dynamic)   0.96       1e-2       activations rounded per tensor at every MatMul
+    int8 blockwise   0.98       5e-3       like GGUF q8_0
+    int4             0.90       8e-2       like GGUF q4_*
+
+Measured with :func:`verify_onnx`'s default prompts (general text) and, for tiny-r1, on its own
+chat-templated traces of held-out problems ("in-domain")::
+
+    tiny-r1 (Qwen2, hidden 192, 4 layers, vocab 384, trained), default / in-domain
+    type             size      top-1            mean KL          max |dlogit|
+    fp32             6.9 MB    1.0000 / 1.0000  2e-12 / 3e-13    4e-5
+    fp16             3.5 MB    1.0000 / 1.0000  3e-7  / 2e-8     1e-2
+    int8 dynamic     1.9 MB    0.9746 / 0.9898  4e-3  / 2e-3     1 / 3
+    int8 blockwise   2.1 MB    0.9945 / 0.9989  1e-4  / 1e-5     0.2
+    int4             1.3 MB    0.9305 / 0.9892  2e-2  / 2e-3     3 / 2
+    (GGUF on the same model: q8_0 0.9934 / 0.9994, q4_0 0.9052 / 0.9893, q4_k_m 0.9592 / 0.9949;
+     int4 with a 4-bit lm_head: 0.8765 / 0.9842)
+
+    tests' random Qwen2 (hidden 64, 2 layers, tied): top-1 1.0000 for every type; mean KL fp32
+    4e-15, fp16 6e-9, int8 1e-5, int8 blockwise 3e-6, int4 4e-4 (random models quantize easily)
+
+Like the GGUF defaults (:mod:`convert.verify`), the quantized rows are meant to pass a sound
+export and fail a broken one; measure your own model and override them if needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from convert.hf import Checkpoint, resolve_source
+from convert.verify import DEFAULT_HELDOUT, DEFAULT_PROMPTS, CHAT_QUESTION, Thresholds, TokenizerMismatch, VerifyReport
+from edge.errors import ConfigError, ConversionError, InvalidModelError, ModelNotFoundError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_TYPES = ("fp32", "fp16", "int8", "int4")
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
+
+INT8_METHODS = ("dynamic", "blockwise")
+LM_HEAD_BITS = (4, 8)
+LM_HEAD_NODE = "/lm_head/MatMul"
+
+MANIFEST = "edge_onnx.json"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 17
+IR_VERSION = 8  # opset 17's IR: loads on ONNX Runtime >= 1.13
+# Models whose weights exceed this are saved with external data (protobuf caps a file at 2 GiB).
+EXTERNAL_DATA_MIN_BYTES = 1536 * 1024 * 1024
+
+THRESHOLDS: dict[str, Thresholds] = {
+    "fp32": Thresholds(0.999, 1e-4),
+    "fp16": Thresholds(0.99, 1e-3),
+    "int8": Thresholds(0.96, 1e-2),  # dynamic
+    "int8-blockwise": Thresholds(0.98, 5e-3),
+    "int4": Thresholds(0.90, 8e-2),
+}
+
+_TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+# -- the model's shape, read from config.json ------------------------------------------------
+
+
+def _rope(config: dict[str, Any]) -> dict[str, Any]:
+    """RoPE parameters in either config layout (transformers 5 ``rope_parameters`` or the older
+    top-level ``rope_theta`` + ``rope_scaling``)."""
+    rope = dict(config.get("rope_parameters") or {})
+    if not rope:
+        rope = dict(config.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    return rope
+
+
+def inv_freq(config: dict[str, Any], head_dim: int) -> np.ndarray:
+    """RoPE inverse frequencies (float32, ``head_dim // 2``), with linear or llama3 scaling."""
+    rope = _rope(config)
+    base = float(rope.get("rope_theta", 10000.0))
+    freq = (1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)).astype(np.float32)
+    kind = rope["rope_type"]
+    if kind == "linear":
+        freq = freq / float(rope["factor"])
+    elif kind == "llama3":
+        factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        old = float(rope["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / freq
+        scaled = np.where(wavelen > old / low, freq / factor, freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        freq = np.where(medium, smoothed, scaled)
+    return freq.astype(np.float32)
+
+
+class Shape:
+    """What the graph builder needs from ``config.json``; refuses what it cannot export."""
+
+    def __init__(self, config: dict[str, Any], where: Path) -> None:
+        archs = config.get("architectures") or []
+        arch = archs[0] if archs else config.get("model_type", "?")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConversionError(
+                f"{where}: architecture {arch} is not supported for ONNX export; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (the DeepSeek-R1-Distill families)"
+            )
+        self.arch = arch
+        try:
+            self.hidden = int(config["hidden_size"])
+            self.layers = int(config["num_hidden_layers"])
+            self.heads = int(config["num_attention_heads"])
+            self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
+            self.ffn = int(config["intermediate_size"])
+            self.vocab = int(config["vocab_size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConversionError(f"{where}: config.json lacks or mangles {exc}") from None
+        self.head_dim = int(config.get("head_dim") or self.hidden // self.heads)
+        self.eps = float(config.get("rms_norm_eps", 1e-6))
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.max_positions = int(config.get("max_position_embeddings") or 0)
+        self.qkv_bias = arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False))
+        self.o_bias = arch == "LlamaForCausalLM" and bool(config.get("attention_bias", False))
+        self.mlp_bias = bool(config.get("mlp_bias", False))
+        problems = []
+        if self.heads % self.kv_heads:
+            problems.append(f"{self.heads} attention heads are not a multiple of {self.kv_heads} KV heads")
+        if config.get("hidden_act", "silu") != "silu":
+            problems.append(f"activation {config.get('hidden_act')} (only silu)")
+        if config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or []):
+            problems.append("sliding-window attention")
+        if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
+            problems.append("partial rotary embeddings")
+        if _rope(config)["rope_type"] not in _ROPE_TYPES:
+            problems.append(f"RoPE scaling {_rope(config)['rope_type']!r} (supported: {', '.join(_ROPE_TYPES)})")
+        if problems:
+            raise ConversionError(f"{where}: cannot export to ONNX: {'; '.join(problems)}")
+        self.inv_freq = inv_freq(config, self.head_dim)
+
+
+# -- graph building ----------------------------------------------------------------------------
+
+
+class _Builder:
+    """Collects nodes and initializers; each ``op`` returns the name of its (first) output."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(f"const_{len(self._consts)}", arr)
+        return self._consts[key]
+
+    def op(self, op_type: str, *inputs: str, name: str | None = None, outputs: int = 1, **attrs: Any) -> Any:
+        from onnx import helper
+
+        self._n += 1
+        base = name or f"/{op_type}_{self._n}"
+        outs = [f"{base}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+
+def _weight(b: _Builder, name: str, w: np.ndarray, weights: str) -> str:
+    """A MatMul weight ``w`` ([in, out]) as an initializer, float16 + Cast for ``fp16``."""
+    if weights == "fp16":
+        from onnx import TensorProto
+
+        return b.op("Cast", b.init(name, w.astype(np.float16)), name=f"/{name}/Cast", to=TensorProto.FLOAT)
+    return b.init(name, w.astype(np.float32))
+
+
+def _linear(b: _Builder, x: str, prefix: str, parts: list[str], read, weights: str, bias: bool) -> list[str]:
+    """One MatMul for the projections ``parts`` of ``prefix`` (e.g. q/k/v), split afterwards:
+    one larger GEMM instead of several small ones. Weights are concatenated along the output
+    axis, so per-column and blockwise (along the input axis) quantization are unaffected."""
+    names = [f"{prefix}.{part}" for part in parts]
+    ws = [read(f"{n}.weight").T for n in names]  # HF stores [out, in]; MatMul wants [in, out]
+    merged = names[0] if len(names) == 1 else f"{prefix}.{'_'.join(p.removesuffix('_proj') for p in parts)}_proj"
+    y = b.op("MatMul", x, _weight(b, f"{merged}.weight", np.concatenate(ws, axis=1), weights), name=f"/{merged}/MatMul")
+    if bias:
+        bias_init = b.init(f"{merged}.bias", np.concatenate([read(f"{n}.bias") for n in names]))
+        y = b.op("Add", y, bias_init, name=f"/{merged}/Add")
+    if len(names) == 1:
+        return [y]
+    return b.op("Split", y, b.const([w.shape[1] for w in ws]), axis=-1, outputs=len(names))
+
+
+def _rms_norm(b: _Builder, x: str, prefix: str, read, eps: float) -> str:
+    # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern ONNX Runtime fuses into one
+    # SimplifiedLayerNormalization kernel.
+    var = b.op("ReduceMean", b.op("Pow", x, b.const(2.0, np.float32)), axes=[-1], keepdims=1)
+    normed = b.op("Div", x, b.op("Sqrt", b.op("Add", var, b.const(eps, np.float32))))
+    return b.op("Mul", normed, b.init(f"{prefix}.weight", read(f"{prefix}.weight")), name=f"/{prefix}/Mul")
+
+
+def _rotate(b: _Builder, x: str, cos: str, signed_sin: str, half: int) -> str:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = concat(-x2, x1); the sign is folded
+    into ``signed_sin`` = concat(-sin, sin), so this is concat(x2, x1) * signed_sin."""
+    x1, x2 = b.op("Split", x, b.const([half, half]), axis=-1, outputs=2)
+    return b.op("Add", b.op("Mul", x, cos), b.op("Mul", b.op("Concat", x2, x1, axis=-1), signed_sin))
+
+
+_ST_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
+
+
+class _Tensors:
+    """``read(name)``: a checkpoint tensor as a float32 numpy array.
+
+    safetensors files are read through a memory map at the offsets their JSON header gives
+    (bf16 widened by a shift), so an export needs no torch; PyTorch ``.bin`` shards go through
+    :meth:`Checkpoint.read_rows`."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        files = ckpt.weight_files()
+        self._st: dict[str, tuple[np.memmap, dict[str, Any], Path]] | None = None
+        if all(f.suffix == ".safetensors" for f in files):
+            self._st = {}
+            for f in files:
+                data, header = _safetensors(f)
+                self._st.update((name, (data, entry, f)) for name, entry in header.items() if name != "__metadata__")
+            self.names = set(self._st)
+        else:
+            self.names = set(ckpt.tensor_infos())
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise ConversionError(f"{self.ckpt.folder}: the checkpoint has no tensor {name}")
+        if self._st is None:
+            return self.ckpt.read_rows(self.ckpt.tensor_infos()[name])
+        data, entry, file = self._st[name]
+        dtype = _ST_DTYPES.get(entry.get("dtype"))
+        start, end = entry["data_offsets"]
+        if dtype is None or end > len(data):
+            raise ConversionError(f"{file}: tensor {name} has dtype {entry.get('dtype')} or lies outside the file")
+        raw = np.asarray(data[start:end]).view(dtype)
+        if entry["dtype"] == "BF16":
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32).reshape(entry["shape"])
+
+
+def _safetensors(file: Path) -> tuple[np.memmap, dict[str, Any]]:
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        return np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n), header
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{file}: cannot read the safetensors header ({exc})") from None
+
+
+def build_model(ckpt: Checkpoint, shape: Shape, weights: str):
+    """The decoder graph for ``ckpt`` as an ``onnx.ModelProto`` (fp32 or fp16 weights)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    read = _Tensors(ckpt)
+    infos = read.names
+
+    s, b = shape, _Builder()
+    d, half, group = s.head_dim, s.head_dim // 2, s.heads // s.kv_heads
+    big = weights != "fp32"  # embeddings in float16 for fp16/int8/int4
+
+    # Embedding; a tied lm_head gets its own transposed copy (MatMul needs [hidden, vocab]).
+    emb = read("model.embed_tokens.weight")
+    emb_init = b.init("model.embed_tokens.weight", emb.astype(np.float16 if big else np.float32))
+    if big:
+        emb_init = b.op("Cast", emb_init, name="/model.embed_tokens.weight/Cast", to=TensorProto.FLOAT)
+    x = b.op("Gather", emb_init, "input_ids", axis=0, name="/model/embed_tokens/Gather")
+
+    # RoPE tables for the new positions: [batch, 1, seq, head_dim].
+    pos = b.op("Cast", "position_ids", to=TensorProto.FLOAT)
+    freqs = b.op("Mul", b.op("Unsqueeze", pos, b.const([-1])), b.init("rope.inv_freq", s.inv_freq))
+    cos_half, sin_half = b.op("Cos", freqs), b.op("Sin", freqs)
+    cos = b.op("Unsqueeze", b.op("Concat", cos_half, cos_half, axis=-1), b.const([1]))
+    sin = b.op("Unsqueeze", b.op("Concat", b.op("Neg", sin_half), sin_half, axis=-1), b.const([1]))
+
+    # Additive mask [batch, 1, 1, seq, total]: causal (query i sees keys <= past + i) and padding.
+    total = b.op("Gather", b.op("Shape", "attention_mask"), b.const(1), axis=0)
+    seq = b.op("Gather", b.op("Shape", "input_ids"), b.const(1), axis=0)
+    past = b.op("Sub", total, seq)
+    keys = b.op("Range", b.const(0), total, b.const(1))
+    queries = b.op("Range", past, total, b.const(1))
+    causal = b.op("LessOrEqual", b.op("Unsqueeze", keys, b.const([0])), b.op("Unsqueeze", queries, b.const([1])))
+    padding = b.op("Unsqueeze", b.op("Cast", "attention_mask", to=TensorProto.BOOL), b.const([1, 2, 3]))
+    allowed = b.op("And", causal, padding)
+    mask = b.op("Where", allowed, b.const(0.0, np.float32), b.const(np.finfo(np.float32).min, np.float32))
+    scale = b.const(d ** -0.5, np.float32)
+
+    graph_inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, []),
+    ]
+    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "kept_length", s.vocab])]
+    kv_shape = ["batch_size", s.kv_heads, "past_sequence_length", d]
+    present_shape = ["batch_size", s.kv_heads, "total_sequence_length", d]
+
+    for i in range(s.layers):
+        p = f"model.layers.{i}"
+        h = _rms_norm(b, x, f"{p}.input_layernorm", read, s.eps)
+
+        def heads(y: str, n: int) -> str:  # [batch, seq, n*d] -> [batch, n, seq, d]
+            return b.op("Transpose", b.op("Reshape", y, b.const([0, 0, n, d])), perm=[0, 2, 1, 3])
+
+        q, k, v = _linear(b, h, f"{p}.self_attn", ["q_proj", "k_proj", "v_proj"], read, weights, s.qkv_bias)
+        q, k, v = heads(q, s.heads), heads(k, s.kv_heads), heads(v, s.kv_heads)
+        q, k = _rotate(b, q, cos, sin, half), _rotate(b, k, cos, sin, half)
+
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
+        graph_inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in (past_k, past_v)]
+        graph_outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in (present_k, present_v)]
+        b.nodes.append(helper.make_node("Concat", [past_k, k], [present_k], name=f"/{p}/present_key", axis=2))
+        b.nodes.append(helper.make_node("Concat", [past_v, v], [present_v], name=f"/{p}/present_value", axis=2))
+
+        # Grouped-query attention without repeating K/V: queries [batch, kv, group, seq, d]
+        # against keys [batch, kv, 1, total, d], broadcast over the group axis.
+        qg = b.op("Reshape", b.op("Mul", q, scale), b.const([0, s.kv_heads, group, -1, d]))
+        kg = b.op("Unsqueeze", present_k, b.const([2]))
+        vg = b.op("Unsqueeze", present_v, b.const([2]))
+        scores = b.op("Add", b.op("MatMul", qg, b.op("Transpose", kg, perm=[0, 1, 2, 4, 3])), mask)
+        attn = b.op("MatMul", b.op("Softmax", scores, axis=-1), vg)
+        attn = b.op("Reshape", attn, b.const([0, s.heads, -1, d]))
+        attn = b.op("Reshape", b.op("Transpose", attn, perm=[0, 2, 1, 3]), b.const([0, 0, s.heads * d]))
+        (o,) = _linear(b, attn, f"{p}.self_attn", ["o_proj"], read, weights, s.o_bias)
+        x = b.op("Add", x, o)
+
+        h = _rms_norm(b, x, f"{p}.post_attention_layernorm", read, s.eps)
+        gate, up = _linear(b, h, f"{p}.mlp", ["gate_proj", "up_proj"], read, weights, s.mlp_bias)
+        act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
+        (down,) = _linear(b, act, f"{p}.mlp", ["down_proj"], read, weights, s.mlp_bias)
+        x = b.op("Add", x, down)
+
+    x = _rms_norm(b, x, "model.norm", read, s.eps)
+    # Only the last ``logits_to_keep`` positions reach lm_head (0 keeps all, as in transformers).
+    start = b.op("Neg", b.op("Unsqueeze", "logits_to_keep", b.const([0])))
+    x = b.op("Slice", x, start, b.const([np.iinfo(np.int64).max]), b.const([1]))
+    if s.tied or "lm_head.weight" not in infos:
+        if not s.tied:
+            raise ConversionError(f"{ckpt.folder}: no lm_head.weight and tie_word_embeddings is false")
+        head = emb
+    else:
+        head = read("lm_head.weight")
+    logits = b.op("MatMul", x, _weight(b, "lm_head.weight", head.T, weights), name=LM_HEAD_NODE)
+    b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
+
+    graph = helper.make_graph(b.nodes, f"{s.arch}-decoder", graph_inputs, graph_outputs, initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edge-reason")
+    model.ir_version = IR_VERSION
+    return onnx.shape_inference.infer_shapes(model) if _nbytes(model) < EXTERNAL_DATA_MIN_BYTES else model
+
+
+def _nbytes(model) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    external = _nbytes(model) >= EXTERNAL_DATA_MIN_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+
+
+# -- quantization ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_quantizers() -> Iterator[None]:
+    """ONNX Runtime's quantizers configure the root logger at import and log every node at
+    INFO (and advise pre-processing at WARNING): keep that out of the user's terminal."""
+    root = logging.getLogger()
+    handlers, level, disabled = list(root.handlers), root.level, logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(disabled)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def _quantize_dynamic_int8(src: Path, out: Path, external: bool) -> int:
+    """int8 "dynamic": QInt8 weights per output channel, activations quantized per tensor at run
+    time (MatMulInteger, standard ONNX operators)."""
+    import onnx
+
+    with _quiet_quantizers():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(
+            src, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True,
+            use_external_data_format=external,
+            # Only MatMuls with a weight initializer: the attention products stay float32.
+            extra_options={"MatMulConstBOnly": True},
+        )
+    return sum(n.op_type == "MatMulInteger" for n in onnx.load(str(out), load_external_data=False).graph.node)
+
+
+def _quantize_nbits(src: Path, out: Path, external: bool, *, bits: int, block_size: int,
+                    accuracy_level: int | None, lm_head_bits: int | None = None) -> int:
+    """Weight-only blockwise quantization (MatMulNBits, symmetric RTN) of the weight MatMuls;
+    with ``lm_head_bits`` the output projection gets that many bits instead."""
+    import onnx
+
+    with _quiet_quantizers():
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        def run(model, n_bits: int, **nodes):
+            config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                                  accuracy_level=accuracy_level, bits=n_bits)
+            quant = MatMulNBitsQuantizer(model, bits=n_bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level, algo_config=config, **nodes)
+            quant.process()
+            return quant.model
+
+        split = lm_head_bits is not None and lm_head_bits != bits
+        model = run(onnx.load(str(src)), bits, nodes_to_exclude=[LM_HEAD_NODE] if split else None)
+        if split:
+            model = run(model.model, lm_head_bits, nodes_to_include=[LM_HEAD_NODE])
+        model.save_model_to_file(str(out), use_external_data_format=external)
+    return sum(n.op_type == "MatMulNBits" for n in model.model.graph.node)
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def _check_out_dir(out_dir: str | Path, *, force: bool) -> Path:
+    path = Path(out_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConversionError(f"{path} is a file; give a folder name for the ONNX model")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; pass --force (force=True) to replace it")
+    if not path.parent.is_dir():
+        raise ConversionError(f"{path.parent}: no such directory for the output")
+    return path
+
+
+@contextlib.contextmanager
+def _atomic_dir(out: Path) -> Iterator[Path]:
+    """A temporary folder next to ``out``, renamed to ``out`` only if the block succeeds."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if out.exists():
+            old = out.parent / f".{out.name}.{os.getpid()}.old"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _token_meta(ckpt: Checkpoint) -> dict[str, Any]:
+    """BOS/EOS, add_bos and the chat template, resolved once for the manifest (the same rules
+    the backend applies to a folder without a manifest)."""
+    from edge.backends.onnx import token_metadata
+
+    ckpt.tokenizer_json()  # a clear error when tokenizer.json is missing
+    return {**token_metadata(ckpt.folder), "tokenizer_config": ckpt.json_file("tokenizer_config.json") or {}}
+
+
+def _write_metadata(ckpt: Checkpoint, dst: Path, meta: dict[str, Any]) -> None:
+    for name in _TOKENIZER_FILES:
+        if (ckpt.folder / name).is_file():
+            shutil.copyfile(ckpt.folder / name, dst / name)
+    tok_config = dict(meta["tokenizer_config"])
+    if meta["chat_template"]:
+        tok_config["chat_template"] = meta["chat_template"]
+    tok_config.setdefault("add_bos_token", meta["add_bos"])
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False), encoding="utf-8")
+    (dst / "config.json").write_text(json.dumps(ckpt.config, indent=2, ensure_ascii=False), encoding="utf-8")
+    gen = ckpt.json_file("generation_config.json") or {
+        "bos_token_id": meta["bos_token_id"], "eos_token_id": meta["eos_token_ids"],
+    }
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+
+
+def _smoke_test(folder: Path, shape: Shape) -> dict[str, list[str]]:
+    """Load the written model and run two tokens, so a broken export never reaches OUT_DIR."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(folder / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": np.zeros((1, 2), np.int64),
+        "attention_mask": np.ones((1, 2), np.int64),
+        "position_ids": np.arange(2, dtype=np.int64)[None],
+        "logits_to_keep": np.array(1, np.int64),
+    }
+    for i in range(shape.layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, shape.kv_heads, 0, shape.head_dim), np.float32)
+    logits = sess.run(["logits"], feeds)[0]
+    if logits.shape != (1, 1, shape.vocab) or not np.isfinite(logits).all():
+        raise ConversionError(f"the exported model produced bad logits (shape {logits.shape}); please report this")
+    return {"inputs": [i.name for i in sess.get_inputs()], "outputs": [o.name for o in sess.get_outputs()]}
+
+
+def to_onnx(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    weights: str = "fp32",
+    force: bool = False,
+    block_size: int = 32,
+    accuracy_level: int | None = None,
+    int8_method: str = "dynamic",
+    lm_head_bits: int = 8,
+    revision: str | None = None,
+) -> Path:
+    """Export ``src`` (HF folder or hub repo id) to the ONNX model folder ``out_dir``.
+
+    ``weights`` is one of :data:`WEIGHT_TYPES`. ``int8_method`` picks ``dynamic``
+    (quantize_dynamic) or ``blockwise`` (8-bit MatMulNBits) int8; ``block_size`` and
+    ``accuracy_level`` apply to the MatMulNBits types (int4, blockwise int8); ``lm_head_bits``
+    (8 or 4) is the int4 export's output projection. The folder appears only when everything succeeded; an existing ``out_dir`` is
+    refused unless ``force``. Returns the folder's path.
+    """
+    weights = str(weights).lower()
+    if weights not in WEIGHT_TYPES:
+        raise ConfigError(f"unknown weights type {weights!r}; choose one of: {', '.join(WEIGHT_TYPES)}")
+    if block_size not in BLOCK_SIZES:
+        raise ConfigError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
+    if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
+        raise ConfigError(f"accuracy level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, got {accuracy_level}")
+    if int8_method not in INT8_METHODS:
+        raise ConfigError(f"unknown int8 method {int8_method!r}; choose one of: {', '.join(INT8_METHODS)}")
+    if lm_head_bits not in LM_HEAD_BITS:
+        raise ConfigError(f"lm_head bits must be 4 or 8, got {lm_head_bits}")
+    out = _check_out_dir(out_dir, force=force)
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as exc:
+        raise ConversionError(f"ONNX export needs onnx and onnxruntime ({exc.name} is missing): pip install 'edge-reason[onnx,convert]'") from None
+    folder = resolve_source(src, revision=revision)
+
+    with Checkpoint(folder) as ckpt:
+        shape = Shape(ckpt.config, folder / "config.json")
+        meta = _token_meta(ckpt)
+        with _atomic_dir(out) as tmp:
+            logger.info("building the %s graph (%s weights)", shape.arch, weights)
+            model = build_model(ckpt, shape, "fp16" if weights == "fp16" else "fp32")
+            external = _nbytes(model) >= EXTERNAL_DATA_MIN_BYTES
+            quantized = 0
+            if weights in ("int8", "int4"):
+                # Quantize from an fp32 graph whose embedding is float16 (see the module docstring).
+                model = _fp16_embedding(model)
+                with tempfile.TemporaryDirectory(dir=tmp) as work:
+                    fp32 = Path(work) / MODEL_FILE
+                    _save(model, fp32)
+                    del model
+                    logger.info("quantizing to %s", weights)
+                    if weights == "int8" and int8_method == "dynamic":
+                        quantized = _quantize_dynamic_int8(fp32, tmp / MODEL_FILE, external)
+                    elif weights == "int8":
+                        quantized = _quantize_nbits(fp32, tmp / MODEL_FILE, external, bits=8, block_size=block_size,
+                                                    accuracy_level=accuracy_level)
+                    else:
+                        quantized = _quantize_nbits(fp32, tmp / MODEL_FILE, external, bits=4, block_size=block_size,
+                                                    accuracy_level=accuracy_level, lm_head_bits=lm_head_bits)
+            else:
+                _save(model, tmp / MODEL_FILE)
+                del model
+            io = _smoke_test(tmp, shape)
+            nbits = weights == "int4" or (weights == "int8" and int8_method == "blockwise")
+            _write_metadata(ckpt, tmp, meta)
+            manifest = {
+                "format": "edge-onnx",
+                "version": 1,
+                "architecture": shape.arch,
+                "weights": weights,
+                "int8_method": int8_method if weights == "int8" else None,
+                "block_size": block_size if nbits else None,
+                "accuracy_level": accuracy_level if nbits else None,
+                "symmetric": True if nbits else None,
+                "lm_head_bits": lm_head_bits if weights == "int4" else None,
+                "quantized_matmuls": quantized,
+                "source": str(src),
+                "model_file": MODEL_FILE,
+                "external_data": sorted(p.name for p in tmp.iterdir() if p.name.startswith(MODEL_FILE + ".")),
+                "n_layers": shape.layers,
+                "n_heads": shape.heads,
+                "n_kv_heads": shape.kv_heads,
+                "head_dim": shape.head_dim,
+                "vocab_size": shape.vocab,
+                "max_position_embeddings": shape.max_positions,
+                "kv_dtype": "float32",
+                "opset": OPSET,
+                "onnxruntime": onnxruntime.__version__,
+                **{k: v for k, v in meta.items() if k != "tokenizer_config"},
+                **io,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    logger.info("wrote %s (%s)", out, weights)
+    return out
+
+
+def _fp16_embedding(model):
+    """Store the embedding table as float16 followed by a Cast (quantized exports only)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    for i, t in enumerate(graph.initializer):
+        if t.name == "model.embed_tokens.weight" and t.data_type == TensorProto.FLOAT:
+            half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name)
+            graph.initializer[i].CopyFrom(half)
+            cast_out = f"{t.name}/float32"
+            for node in graph.node:
+                for j, name in enumerate(node.input):
+                    if name == t.name:
+                        node.input[j] = cast_out
+            graph.node.insert(0, helper.make_node("Cast", [t.name], [cast_out], name=f"/{t.name}/Cast", to=TensorProto.FLOAT))
+            break
+    return model
+
+
+# -- verification ------------------------------------------------------------------------------
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidModelError(f"{path}: not valid JSON ({exc})") from None
+
+
+def weights_key(manifest: dict[str, Any]) -> str:
+    """"fp32" / "fp16" / "int8" / "int8-blockwise" / "int4" for a manifest, "unknown" without."""
+    weights = manifest.get("weights", "unknown")
+    return "int8-blockwise" if weights == "int8" and manifest.get("int8_method") == "blockwise" else weights
+
+
+def onnx_thresholds(folder: str | Path) -> Thresholds:
+    """Default parity thresholds for the export in ``folder`` (by its manifest's weights type)."""
+    weights = weights_key(read_manifest(folder))
+    if weights not in THRESHOLDS:
+        raise InvalidModelError(f"{folder}: no {MANIFEST} naming the weights type; pass thresholds explicitly")
+    return THRESHOLDS[weights]
+
+
+def verify_onnx(
+    src: str | Path,
+    onnx_dir: str | Path,
+    *,
+    prompts: list[str] | tuple[str, ...] | None = None,
+    heldout: str | None = None,
+    chat: bool = True,
+    thresholds: Thresholds | None = None,
+    max_tokens: int = 256,
+    n_threads: int = 2,
+    revision: str | None = None,
+) -> VerifyReport:
+    """Compare the ONNX folder ``onnx_dir`` with its source ``src``, as :func:`convert.verify`
+    does for a GGUF: tokenizer, top-1 agreement, KL(source || onnx), max |logit diff|,
+    perplexity. The ONNX side runs through :class:`edge.backends.onnx.OnnxBackend` (its
+    tokenizer, BOS rule and KV-cache code path); ``report.gguf`` holds the folder's path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from convert.verify import _log_softmax, _perplexity
+    from edge.backends.onnx import OnnxBackend
+
+    path = Path(onnx_dir).expanduser()
+    if not (path / MODEL_FILE).is_file():
+        raise ModelNotFoundError(f"{path}: no {MODEL_FILE}; export one with `edge-reason convert onnx`")
+    weights = weights_key(read_manifest(path))
+    if thresholds is None:
+        thresholds = onnx_thresholds(path)
+    report = VerifyReport(str(src), str(path), f"onnx-{weights}", thresholds)
+    folder = resolve_source(src, revision=revision)
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    plain = [*(prompts if prompts is not None else DEFAULT_PROMPTS), heldout if heldout is not None else DEFAULT_HELDOUT]
+    rendered = []
+    if chat and getattr(tok, "chat_template", None):
+        rendered.append(tok.apply_chat_template([{"role": "user", "content": CHAT_QUESTION}], tokenize=False, add_generation_prompt=True))
+    sequences = [tok.encode(t)[:max_tokens] for t in plain[:-1]]
+    sequences += [tok.encode(t, add_special_tokens=False)[:max_tokens] for t in rendered]
+    sequences.append(tok.encode(plain[-1])[:max_tokens])
+    report.n_texts = len(sequences)
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with contextlib.closing(OnnxBackend(path, n_ctx=max(len(s) for s in sequences) + 8, threads=n_threads, device="cpu")) as backend:
+        cases = [(t, False) for t in [*plain, *rendered]] + [(t, True) for t in plain]
+        for text, with_bos in cases:
+            hf = tok.encode(text, add_special_tokens=with_bos)
+            ours = backend.tokenize(text, add_bos=with_bos and backend.add_bos, special=True)
+            if hf != ours:
+                report.tokenizer_mismatches.append(TokenizerMismatch(text, hf, ours, with_bos))
+        if report.tokenizer_mismatches:
+            first = report.tokenizer_mismatches[0]
+            report.failures.append(
+                f"tokenizer differs on {len(report.tokenizer_mismatches)} of {len(cases)} texts "
+                f"(first: {first.text[:40]!r}{' with BOS' if first.with_bos else ''})"
+            )
+
+        agree, kls, max_diff, n = 0, [], 0.0, 0
+        for i, ids in enumerate(sequences):
+            if not ids:
+                continue
+            with torch.no_grad():
+                ref = model(torch.tensor([ids])).logits[0].double().numpy()
+            backend.rollback(0)
+            got = backend.score(ids).astype(np.float64)
+            if ref.shape != got.shape:
+                report.failures.append(f"logit shapes differ: source {ref.shape}, onnx {got.shape}")
+                return report
+            lp, lq = _log_softmax(ref), _log_softmax(got)
+            kls.extend((np.exp(lp) * (lp - lq)).sum(-1).tolist())
+            agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+            max_diff = max(max_diff, float(np.abs(ref - got).max()))
+            n += len(ids)
+            if i == len(sequences) - 1 and len(ids) > 1:
+                report.ppl_source, report.ppl_gguf = _perplexity(ref, ids), _perplexity(got, ids)
+
+    report.n_positions = n
+    report.top1_agreement = agree / n if n else float("nan")
+    report.mean_kl = float(np.mean(kls)) if kls else float("nan")
+    report.max_kl = float(np.max(kls)) if kls else float("nan")
+    report.max_abs_logit_diff = max_diff
+    th = report.thresholds
+    if not report.top1_agreement >= th.min_top1:
+        report.failures.append(f"top-1 agreement {report.top1_agreement:.4f} < {th.min_top1}")
+    if not report.mean_kl < th.max_mean_kl:
+        report.failures.append(f"mean KL {report.mean_kl:.3g} >= {th.max_mean_kl}")
+    return report
