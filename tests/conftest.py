@@ -29,7 +29,7 @@ def smollm2() -> Path:
 def smollm2_backend(smollm2):
     from edge.backends.llamacpp import LlamaCppBackend
 
-    b = LlamaCppBackend(smollm2, n_ctx=1024, threads=2)
+    b = LlamaCppBackend(smollm2, n_ctx=1024, threads=1)
     yield b
     b.close()
 
@@ -38,7 +38,7 @@ def smollm2_backend(smollm2):
 def smollm2_runtime(smollm2):
     from edge.runtime import Runtime
 
-    rt = Runtime(str(smollm2), n_ctx=1024, threads=2)
+    rt = Runtime(str(smollm2), n_ctx=1024, threads=1)
     yield rt
     rt.close()
 

@@ -1,0 +1,93 @@
+"""The bundled tiny-r1 GGUF through real llama.cpp: it reasons in <think>, answers easy
+problems, and the reasoning controls work on it end to end."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.tasks import load_task, score
+from edge.control.budget import ThinkingBudget
+from edge.control.early_exit import EarlyExit
+from edge.events import ControlEvent
+from edge.models import default_model
+from edge.params import SamplingParams
+from edge.runtime import Runtime, collect
+
+GREEDY = SamplingParams(temperature=0, top_p=1.0, max_tokens=600)
+
+
+@pytest.fixture(scope="module")
+def rt():
+    r = Runtime(None, n_ctx=1024, threads=1, device="cpu")  # None = the bundled default
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def items():
+    return load_task("tiny-r1")
+
+
+def ask(rt, item, controllers=()):
+    return collect(rt.chat([{"role": "user", "content": item.prompt}], GREEDY, controllers=list(controllers)))
+
+
+def test_bundled_default_is_tiny_r1(rt):
+    assert default_model().name == "tiny-r1-q8_0.gguf"
+    assert rt.backend.info.extra["architecture"] == "qwen2"
+    assert rt.render([{"role": "user", "content": "x"}]).endswith("<｜Assistant｜><think>\n")
+
+
+def test_answers_easy_problems(rt, items):
+    easy = [i for i in items if i.level in (1, 2)][::10][:8]
+    results = [ask(rt, i) for i in easy]
+    correct = sum(score(r.answer, i)[1] for r, i in zip(results, easy))
+    assert correct >= 7, [(i.prompt, r.answer) for r, i in zip(results, easy)]
+    for r in results:
+        assert r.stats.thinking_tokens > 0 and "\\boxed{" in r.answer and "<think>" not in r.reasoning
+
+
+def test_cli_thinking_on_stderr_answer_on_stdout(cli, items):
+    item = items[0]
+    r = cli("run", item.prompt, "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert "\\boxed{" in r.stdout and "\\boxed{" not in r.stderr
+    assert "Thinking..." in r.stderr and "=" in r.stderr and "...done thinking." in r.stderr
+    r = cli("run", item.prompt, "--temperature", "0", "--hide-thinking")
+    assert r.stderr.startswith("Thought for ") and "tokens)" in r.stderr
+
+
+def test_chat_through_stdin_with_the_default_model(cli, items):
+    r = cli("chat", "--temperature", "0", input=f"{items[1].prompt}\n/stats\n{items[2].prompt}\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\\boxed{") == 2 and "thinking_tokens:" in r.stderr
+
+
+@pytest.mark.parametrize("budget", [0, 5, 20])
+def test_hard_budget_on_the_real_model(rt, items, budget):
+    item = [i for i in items if i.level == 6][0]
+    r = ask(rt, item, [ThinkingBudget(max_thinking=budget)])
+    assert r.stats.thinking_tokens <= budget
+    assert "\\boxed{" in r.answer
+
+
+def test_wait_extension_on_the_real_model(rt, items):
+    item = [i for i in items if i.level == 1][0]
+    plain = ask(rt, item)
+    longer = ask(rt, item, [ThinkingBudget(min_thinking=plain.stats.thinking_tokens + 10, max_waits=2)])
+    waits = [c for c in longer.controls if c.kind == "wait_injected"]
+    assert waits and longer.stats.thinking_tokens > plain.stats.thinking_tokens
+
+
+def test_early_exit_on_the_real_model_saves_thinking(rt, items):
+    sample = [i for i in items if i.level in (3, 5, 7)][::20][:6]
+    saved, same = 0, 0
+    for item in sample:
+        full = ask(rt, item)
+        ee = ask(rt, item, [EarlyExit(threshold=0.9)])
+        probes = [c for c in ee.controls if isinstance(c, ControlEvent) and c.kind == "probe"]
+        assert ee.stats.probes == len(probes) and ee.stats.probe_tokens == sum(p.detail["cost"] for p in probes)
+        saved += full.stats.thinking_tokens - (ee.stats.thinking_tokens + ee.stats.probe_tokens)
+        same += score(ee.answer, item)[0] == score(full.answer, item)[0]
+    assert saved > 0
+    assert same >= len(sample) - 1
