@@ -16,6 +16,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -238,8 +239,11 @@ def test_probe_leaves_the_state_exactly_as_before(onnx_of):
 def test_tokenizer_matches_transformers(ckpts, onnx_of):
     from transformers import AutoTokenizer
 
+    from edge.backends.base import Backend
+
     hf = AutoTokenizer.from_pretrained(ckpts["qwen2"])
     with backend(onnx_of("qwen2", "fp32")) as b:
+        assert isinstance(b, Backend)
         for text in TOKENIZER_TEXTS:
             assert b.tokenize(text, add_bos=False) == hf.encode(text, add_special_tokens=False), text
             if text:
@@ -486,14 +490,21 @@ def test_tiny_r1_parity(tmp_path, hf_model):
 
     from benchmarks.tiny_r1.tasks import held_out_split
     from convert.onnx import THRESHOLDS, to_onnx, verify_onnx
+    from edge.errors import ConversionError
 
     src = tmp_path / "tiny-r1"
-    shutil.copytree(TINY_R1, src)  # a stable copy: training may write a new checkpoint meanwhile
+    for _ in range(3):  # a stable copy: training may be writing a new checkpoint right now
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(TINY_R1, src)
+        try:
+            fp32 = to_onnx(src, tmp_path / "fp32", force=True)
+            break
+        except ConversionError:
+            time.sleep(2)
     tok = AutoTokenizer.from_pretrained(src)
     # in-distribution text: its own chat template and R1-style traces on held-out problems
     texts = [tok.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False, add_generation_prompt=True)
              + p.target() for p in held_out_split("validation")[:3]]
-    fp32 = to_onnx(src, tmp_path / "fp32")
     with backend(fp32) as b:
         ids = tok.encode(texts[0], add_special_tokens=False)
         ref = reference_logits(hf_model(src), ids)

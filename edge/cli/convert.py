@@ -123,7 +123,8 @@ def _report(report, *, as_json: bool) -> None:
               help="int8: dynamic (QInt8 per channel, standard ONNX ops) or blockwise (8-bit MatMulNBits, more accurate).")
 @click.option("--block-size", default=32, show_default=True, type=int, help="int4 / blockwise int8: quantization block size.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
-              help="int4 / blockwise int8: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
+              help="int4 / blockwise int8: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8; "
+                   "default: ONNX Runtime's for int4, 4 for blockwise int8).")
 @click.option("--lm-head-bits", default=8, show_default=True, type=click.Choice(("4", "8")),
               help="int4: bits of the output projection (8 keeps top-1 agreement much higher).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
