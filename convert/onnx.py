@@ -508,6 +508,9 @@ def _check_out_dir(out_dir: str | Path, *, force: bool) -> Path:
         raise ConversionError(f"{path} is a file; give a folder name for the ONNX model")
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists; pass --force (force=True) to replace it")
+    if path.is_dir() and any(path.iterdir()) and not ((path / MANIFEST).is_file() or (path / MODEL_FILE).is_file()):
+        # --force replaces a previous export, never an unrelated folder full of files
+        raise OutputExistsError(f"{path} is a non-empty folder that holds no ONNX export; give a new folder name")
     if not path.parent.is_dir():
         raise ConversionError(f"{path.parent}: no such directory for the output")
     return path
@@ -521,7 +524,8 @@ def _atomic_dir(out: Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
-            old = out.parent / f".{out.name}.{os.getpid()}.old"
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            old.rmdir()
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

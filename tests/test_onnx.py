@@ -373,6 +373,13 @@ def test_output_is_all_or_nothing(ckpts, tmp_path, monkeypatch):
     conv.to_onnx(ckpts["qwen2"], out, weights="int8", force=True)
     assert json.loads((out / "edge_onnx.json").read_text())["weights"] == "int8"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="holds no ONNX export"):
+        conv.to_onnx(ckpts["qwen2"], precious, force=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    precious.joinpath("notes.txt").unlink()
     with pytest.raises(ConfigError, match="fp32, fp16, int8, int4"):
         conv.to_onnx(ckpts["qwen2"], tmp_path / "x", weights="int3")
     with pytest.raises(ConfigError, match="block size"):

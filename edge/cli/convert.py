@@ -1,4 +1,4 @@
-"""``edge-reason convert``: thin adapters over :mod:`convert` (to_gguf, quantize, verify)."""
+"""``edge-reason convert``: thin adapters over :mod:`convert` (to_gguf, quantize, to_onnx, verify)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from edge.errors import ConfigError, VerificationError
 
 @click.group()
 def convert() -> None:
-    """Convert Hugging Face checkpoints to GGUF, quantize, and verify parity."""
+    """Convert Hugging Face checkpoints to GGUF or ONNX, quantize, and verify parity."""
 
 
 @convert.command("gguf")
