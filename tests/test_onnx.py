@@ -36,7 +36,7 @@ WEIGHTS = {  # name -> to_onnx keyword arguments
     "fp32": {"weights": "fp32"},
     "fp16": {"weights": "fp16"},
     "int8": {"weights": "int8"},
-    "int8-blockwise": {"weights": "int8", "int8_method": "blockwise"},
+    "int8-dynamic": {"weights": "int8", "int8_method": "dynamic"},
     "int4": {"weights": "int4"},
 }
 
@@ -135,7 +135,7 @@ def test_other_checkpoint_layouts_export_exactly(layout, ckpts, tmp_path, hf_mod
         np.testing.assert_allclose(b.score(ids), reference_logits(ref_model, ids), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8", "int8-blockwise", "int4"])
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int8-dynamic", "int4"])
 def test_quantized_exports_meet_their_thresholds(kind, ckpts, onnx_of):
     from convert import verify
     from convert.onnx import THRESHOLDS
@@ -517,7 +517,7 @@ def test_tiny_r1_parity(tmp_path, hf_model):
         ref = reference_logits(hf_model(src), ids)
         diff = np.abs(b.score(ids) - ref).max()
         assert diff <= 1e-3 * max(1.0, float(np.abs(ref).max())), diff
-    for kind in ("int8", "int4"):
+    for kind in ("int8", "int8-dynamic", "int4"):
         folder = to_onnx(src, tmp_path / kind, **WEIGHTS[kind])
         report = verify_onnx(src, folder, prompts=texts[:-1], heldout=texts[-1], chat=False, max_tokens=200, n_threads=1)
         assert report.passed, report.failures

@@ -119,12 +119,13 @@ def _report(report, *, as_json: bool) -> None:
 @click.option("-w", "--weights", default="fp32", show_default=True,
               type=click.Choice(("fp32", "fp16", "int8", "int4"), case_sensitive=False),
               help="Weight type: fp32 as is, fp16 stored as half, int8 (see --int8-method), int4 (MatMulNBits).")
-@click.option("--int8-method", default="dynamic", show_default=True, type=click.Choice(("dynamic", "blockwise")),
-              help="int8: dynamic (QInt8 per channel, standard ONNX ops) or blockwise (8-bit MatMulNBits, more accurate).")
+@click.option("--int8-method", default="blockwise", show_default=True, type=click.Choice(("blockwise", "dynamic")),
+              help="int8: blockwise (8-bit MatMulNBits, as accurate as GGUF q8_0) or dynamic (quantize_dynamic: "
+                   "standard ONNX ops, activations rounded per tensor, less accurate).")
 @click.option("--block-size", default=32, show_default=True, type=int, help="int4 / blockwise int8: quantization block size.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
               help="int4 / blockwise int8: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8; "
-                   "default: ONNX Runtime's for int4, 4 for blockwise int8).")
+                   "default 4: fastest on CPU).")
 @click.option("--lm-head-bits", default=8, show_default=True, type=click.Choice(("4", "8")),
               help="int4: bits of the output projection (8 keeps top-1 agreement much higher).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
