@@ -455,3 +455,18 @@ def test_non_stream_disconnect_cancels(slow):
     with pytest.raises(openai.APITimeoutError):
         client(slow, timeout=0.5).chat.completions.create(model="m", messages=MSGS, max_tokens=500)
     assert wait_until(lambda: slow.edge.counters["cancelled"] > before and slow.edge.admitted == 0)
+
+
+def test_serve_cli_validates_options_before_loading_the_model():
+    from click.testing import CliRunner
+
+    from edge.cli.main import cli
+    from edge.errors import ConfigError
+
+    runner = CliRunner()
+    r = runner.invoke(cli, ["serve", "--model", "no-such.gguf", "--max-queue", "-1"])
+    assert isinstance(r.exception, ConfigError) and "queue" in str(r.exception)
+    r = runner.invoke(cli, ["serve", "--model", "no-such.gguf", "--reasoning-format", "loud"])
+    assert r.exit_code == 2 and "loud" in r.output
+    r = runner.invoke(cli, ["serve", "--help"])
+    assert r.exit_code == 0 and "--api-key" in r.output and "--reasoning-format" in r.output

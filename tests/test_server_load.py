@@ -23,7 +23,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = 16
 REQUESTS_EACH = 3
-MAX_TOKENS = 2
+MAX_TOKENS = 4
 MAX_QUEUE = 4
 CALL_TIMEOUT = 60.0
 RSS_GROWTH_LIMIT = 64 << 20

@@ -15,6 +15,11 @@ generation itself runs in a worker thread (:meth:`Runtime.acomplete`), so the ev
 serving health checks and other clients. A client that disconnects - while waiting or while
 its reply streams - sets the generation's cancel event; the generator stops at its next token.
 
+The request's ``model`` is accepted and not checked: a server holds one model (its id is in
+``/v1/models``). Greedy one-token completions asking for logprobs (what the remote backend
+sends for every token) take a fast path, :meth:`Runtime.next_token_logprobs`, which scores the
+prompt without committing a token.
+
 Events become wire format only in :mod:`edge.server.wire`; this module neither parses text nor
 applies reasoning control itself.
 """
@@ -142,7 +147,7 @@ class EdgeServer:
             except EdgeError as exc:
                 return error_response(domain_error(exc))
             except ApiError as exc:
-                if exc.status >= 500 or exc.status == 429:
+                if exc.status in (429, 503):
                     self.counters["refused"] += 1
                 else:
                     self.counters["bad_request"] += 1
