@@ -3,7 +3,8 @@
 Every task yields :class:`Item` s with a prompt, a gold answer and a difficulty level:
 
 - ``tiny-r1``: the held-out test split of the project's miniature reasoning model
-  (``benchmarks/tiny_r1/data/test.jsonl``; ``tiny-r1-val`` is the validation split);
+  (``benchmarks/tiny_r1/data/test.jsonl``; ``tiny-r1-val`` is the validation split;
+  ``tiny-r1-stress`` holds levels 9-12, longer chains than any training problem);
 - ``gsm8k``, ``math500``, ``aime24``, ``amc23``: public sets read from the shared data folder
   (``EDGE_DATA_DIR`` or ``../shared/data`` next to the repository).
 
@@ -27,7 +28,7 @@ from edge.errors import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 TINY_DIR = Path(__file__).resolve().parent / "tiny_r1" / "data"
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-TASKS = ("tiny-r1", "tiny-r1-val", "gsm8k", "math500", "aime24", "amc23")
+TASKS = ("tiny-r1", "tiny-r1-val", "tiny-r1-stress", "gsm8k", "math500", "aime24", "amc23")
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,9 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def load_task(name: str, limit: int | None = None) -> list[Item]:
-    if name in ("tiny-r1", "tiny-r1-val"):
-        if name == "tiny-r1":
-            rows = _jsonl(TINY_DIR / "test.jsonl")
+    if name in ("tiny-r1", "tiny-r1-val", "tiny-r1-stress"):
+        if name in ("tiny-r1", "tiny-r1-stress"):
+            rows = _jsonl(TINY_DIR / ("test.jsonl" if name == "tiny-r1" else "stress.jsonl"))
         else:
             from benchmarks.tiny_r1.tasks import held_out_split
 

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from edge.runtime import Runtime
 
-    items = load_task("tiny-r1", a.limit)
+    items = load_task("tiny-r1", a.limit) + load_task("tiny-r1-stress", a.limit)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=1024)
     policies = harness.parse_policies("oracle") + harness.parse_policies("budget:0")
     with Runtime(a.model, n_ctx=2048, threads=a.threads, device="cpu") as rt:

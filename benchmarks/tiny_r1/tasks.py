@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Iterator
 
 LEVELS = tuple(range(1, 9))
+# longer chains than any training problem: held out to show where the model stops generalising
+STRESS_LEVELS = tuple(range(9, 13))
 CHECK_PROB = 0.9
 SLIP_PROB = 0.04
-SPLIT_SEEDS = {"test": 20250101, "validation": 20250202}
-SPLIT_SIZES = {"test": 50, "validation": 20}  # problems per level
+SPLIT_SEEDS = {"test": 20250101, "validation": 20250202, "stress": 20250303}
+SPLIT_SIZES = {"test": 50, "validation": 20, "stress": 25}  # problems per level
+SPLIT_LEVELS = {"test": LEVELS, "validation": LEVELS, "stress": STRESS_LEVELS}
 TRAIN_SEED = 12345
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -49,8 +52,8 @@ class Problem:
 
 
 def make_problem(rng: random.Random, level: int, pid: str = "") -> Problem:
-    if level not in LEVELS:
-        raise ValueError(f"level must be in 1..8, got {level}")
+    if level not in LEVELS + STRESS_LEVELS:
+        raise ValueError(f"level must be in 1..12, got {level}")
     names = rng.sample(string.ascii_lowercase, level + 1)
     values = [rng.randint(0, 99)]
     ops: list[tuple[str, int]] = []
@@ -116,7 +119,7 @@ def _held_out(name: str) -> list[Problem]:
     rng = random.Random(SPLIT_SEEDS[name])
     out: list[Problem] = []
     seen: set[str] = set()
-    for level in LEVELS:
+    for level in SPLIT_LEVELS[name]:
         n = 0
         while n < SPLIT_SIZES[name]:
             p = make_problem(rng, level, pid=f"{name}-L{level}-{n:03d}")
@@ -185,8 +188,8 @@ def write_jsonl(problems, path: str | Path, with_trace: bool = False) -> Path:
     return path
 
 
-def write_test_split(path: str | Path = DATA_DIR / "test.jsonl") -> Path:
-    return write_jsonl(make_split("test"), path)
+def write_test_split(path: str | Path = DATA_DIR / "test.jsonl", name: str = "test") -> Path:
+    return write_jsonl(make_split(name), path)
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
