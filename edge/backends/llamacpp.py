@@ -171,6 +171,7 @@ class LlamaCppBackend:
                 n_ctx=n_ctx,
                 n_batch=min(n_batch, n_ctx),
                 n_threads=threads,
+                n_threads_batch=threads,  # as llama.cpp: batch threads default to --threads
                 n_gpu_layers=layers,
                 seed=seed,
                 flash_attn=flash_attn,
