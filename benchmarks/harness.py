@@ -158,8 +158,13 @@ def evaluate(rt, items: Sequence[Item], policies: Sequence[Policy], params: Samp
 
 
 def calibrate(rt, items: Sequence[Item], params: SamplingParams, quantile: float = 0.9) -> tuple[LengthPredictor, list[dict]]:
-    recs = evaluate(rt, items, [Policy("unlimited")], params)
-    pred = LengthPredictor.fit([r["prompt_tokens"] for r in recs], [r["thinking_tokens"] for r in recs], quantile=quantile)
+    """Fit the adaptive budget on a calibration split: an oracle run (unlimited thinking with
+    record-only probes) gives, per problem, the thinking tokens after which the model's answer
+    was already determined; the predictor maps prompt length to that point (the ``quantile``
+    of the residuals on top), so the budget covers the work a problem needs, not the
+    re-checking the model would add after it."""
+    recs = evaluate(rt, items, [Policy("oracle")], params)
+    pred = LengthPredictor.fit([r["prompt_tokens"] for r in recs], [r["oracle_point"] for r in recs], quantile=quantile)
     return pred, recs
 
 
