@@ -10,6 +10,7 @@ A *policy* is a named recipe of controllers:
 ``effort:low|medium|high``    the effort table's budgets
 ``wait:N``                    minimum thinking N tokens ("Wait" extension)
 ``adaptive:S[,S...]``         per-query budget from the prompt length, scaled by S
+``budget-step:N``, ``adaptive-step:S``  the same, cut at the last finished reasoning step
 ``early-exit[:T,...]``        DEER-style probes, exit at confidence >= T (default 0.95)
 ``dynasor[:K,...]``           exit when the last K probe answers agree
 ============================  ==============================================================
@@ -37,7 +38,7 @@ from edge.errors import ConfigError
 from edge.params import SamplingParams
 from edge.runtime import collect
 
-FAMILIES = ("unlimited", "oracle", "budget", "effort", "wait", "adaptive", "early-exit", "dynasor")
+FAMILIES = ("unlimited", "oracle", "budget", "budget-step", "effort", "wait", "adaptive", "adaptive-step", "early-exit", "dynasor")
 
 
 @dataclass
@@ -57,16 +58,16 @@ class Policy:
             return []
         if f == "oracle":
             return [EarlyExit(record_only=True, gate=0.0, min_gap=0, max_probes=100_000, **o)]
-        if f == "budget":
-            return [ThinkingBudget(max_thinking=self.value)]
+        if f in ("budget", "budget-step"):
+            return [ThinkingBudget(max_thinking=self.value, **o)]
         if f == "effort":
             return [ThinkingBudget(max_thinking=effort_budget(self.value))]
         if f == "wait":
             return [ThinkingBudget(min_thinking=self.value)]
-        if f == "adaptive":
+        if f in ("adaptive", "adaptive-step"):
             if predictor is None:
                 raise ConfigError("the adaptive policy needs a calibration (--calibration FILE or a task with a validation split)")
-            return [AdaptiveBudget(predictor=predictor, scale=self.value)]
+            return [AdaptiveBudget(predictor=predictor, scale=self.value, **o)]
         if f == "early-exit":
             return [EarlyExit(threshold=self.value, **o)]
         if f == "dynasor":
@@ -86,6 +87,10 @@ def parse_policies(spec: str) -> list[Policy]:
     family, _, rest = spec.strip().partition(":")
     if family not in FAMILIES:
         raise ConfigError(f"unknown policy {family!r}; choose from: {', '.join(FAMILIES)}")
+    if family in ("budget-step", "adaptive-step"):
+        # the same budgets, cut at the last finished reasoning step (ThinkingBudget cut="step")
+        base = family[: -len("-step")]
+        return [Policy(family, p.value, {"cut": "step"}) for p in parse_policies(base + (":" + rest if rest else ""))]
     values = [v for v in rest.split(",") if v.strip()] if rest else []
     if family in ("unlimited", "oracle"):
         if values:
@@ -128,6 +133,7 @@ def run_item(rt, item: Item, policy: Policy, params: SamplingParams, predictor=N
         "answer_tokens": s.answer_tokens,
         "probe_tokens": s.probe_tokens,
         "injected_tokens": s.injected_tokens,
+        "retracted_tokens": s.retracted_tokens,
         "probes": s.probes,
         "exit_reason": s.exit_reason,
         "finish_reason": s.finish_reason,
@@ -190,13 +196,13 @@ def summarize(records: Sequence[dict]) -> list[dict]:
             "accuracy": _mean(r["correct"] for r in rs),
             "thinking_tokens": _mean(r["thinking_tokens"] for r in rs),
             "probe_tokens": _mean(r["probe_tokens"] for r in rs),
-            "net_tokens": _mean(r["thinking_tokens"] + r["probe_tokens"] for r in rs),
+            "net_tokens": _mean(r["thinking_tokens"] + r["probe_tokens"] + r.get("retracted_tokens", 0) for r in rs),
             "seconds": _mean(r["seconds"] for r in rs),
         }
         ids = [r["id"] for r in rs if r["id"] in base_t]
         if ids:
             base_sum = sum(base_t[i] for i in ids)
-            net = sum(r["thinking_tokens"] + r["probe_tokens"] for r in rs if r["id"] in base_t)
+            net = sum(r["thinking_tokens"] + r["probe_tokens"] + r.get("retracted_tokens", 0) for r in rs if r["id"] in base_t)
             row["saved_net"] = (base_sum - net) / base_sum if base_sum else 0.0
             if oracle_s:
                 o = sum(oracle_s.get(i, 0) for i in ids)

@@ -43,6 +43,7 @@ class Stats:
     thinking_tokens: int = 0
     answer_tokens: int = 0
     injected_tokens: int = 0
+    retracted_tokens: int = 0
     probe_tokens: int = 0
     probes: int = 0
     time_to_first_token: float | None = None
@@ -65,7 +66,7 @@ class Stats:
 
     @property
     def decode_tokens_per_second(self) -> float | None:
-        n = self.completion_tokens + self.probe_tokens + self.injected_tokens
+        n = self.completion_tokens + self.probe_tokens + self.injected_tokens + self.retracted_tokens
         return n / self.decode_seconds if self.decode_seconds > 0 and n else None
 
     def to_dict(self) -> dict[str, Any]:

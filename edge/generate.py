@@ -290,13 +290,15 @@ def generate(
             events.insert(first_answer, done)
         return events
 
-    def retract(n: int) -> None:
-        """Take back the last ``n`` committed tokens (an unfinished character): rolled back
-        in the cache, uncounted, and their pending bytes dropped from the decoder."""
+    def retract(n: int) -> list[Event]:
+        """Take back the last ``n`` committed tokens: rolled back in the cache, uncounted as
+        thinking/answer (counted as ``retracted_tokens``: they were computed), their text
+        removed from the run's text, and a ``retracted`` event tells front ends to drop it."""
         nonlocal decoder
         n = min(n, len(gen.generated))
         if n <= 0:
-            return
+            return []
+        gone = gen.generated[len(gen.generated) - n :]
         backend.rollback(backend.n_past - n)
         del history[len(history) - n :]
         del gen.generated[len(gen.generated) - n :]
@@ -306,15 +308,25 @@ def generate(
             stats.thinking_tokens -= n
         else:
             stats.answer_tokens -= n
+        stats.retracted_tokens += n
+        pending = gen.pending_bytes
         decoder = _decoder()
         gen.pending_bytes, gen.pending_tokens = False, 0
+        text = b"".join(backend.token_bytes(t) for t in gone).decode("utf-8", errors="ignore")
+        if pending or not text:
+            return []  # only bytes of an unfinished character: nothing was shown
+        field = "thinking_text" if parser.thinking else "answer_text"
+        shown = getattr(gen, field)
+        if shown.endswith(text):
+            setattr(gen, field, shown[: len(shown) - len(text)])
+        return [ControlEvent("retracted", {"tokens": n, "text": text, "kind": THINKING if parser.thinking else ANSWER})]
 
     def apply(action: Action) -> list[Event]:
         events: list[Event] = [ControlEvent(action.kind, dict(action.detail))]
         if action.exit_reason:
             stats.exit_reason = action.exit_reason
         if action.retract:
-            retract(action.retract)
+            events += retract(action.retract)
         if action.text:
             toks = backend.tokenize(action.text, special=True)
             if backend.n_past + len(toks) >= backend.n_ctx:

@@ -142,6 +142,11 @@ def collect(events: Iterator[Event]) -> Reply:
             reasoning.append(ev.text)
         elif isinstance(ev, ControlEvent):
             controls.append(ev)
+            if ev.kind == "retracted":  # a controller took back text already streamed
+                target = reasoning if ev.detail.get("kind") == "thinking" else answer
+                joined = "".join(target)
+                if joined.endswith(ev.detail["text"]):
+                    target[:] = [joined[: len(joined) - len(ev.detail["text"])]]
         elif isinstance(ev, Done):
             stats = ev.stats
     return Reply("".join(answer).strip(), "".join(reasoning).strip(), stats or Stats(), controls)

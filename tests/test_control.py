@@ -186,3 +186,18 @@ def test_helpers():
     assert is_boundary("So x = 7.\n\n", "Wait")
     assert is_boundary("x = 7. ", "Wait") and is_boundary("x = 7.", " Wait")
     assert not is_boundary("x = 7.", "Wait") and not is_boundary("", "Wait") and not is_boundary("a\n\n", "\n")
+
+
+def test_step_cut_rolls_back_the_unfinished_step():
+    # cap inside "Wait, let me check." (tokens 6..): thinking closes at the paragraph break
+    r, events = run(backend(), [ThinkingBudget(max_thinking=8, cut="step")])
+    (ev,) = controls(events, "retracted")
+    assert ev.detail["tokens"] == 2 and ev.detail["text"] == "Wait, let me check."
+    assert r.stats.thinking_tokens == 6 and r.stats.retracted_tokens == 2
+    assert r.reasoning.endswith("So x = 7.") and "Wait" not in r.reasoning.split("So x = 7.")[-1]
+    assert r.answer.endswith("\\boxed{?}")  # the scripted model answers from how far it got
+    # no paragraph break yet: falls back to the token cut with the message
+    r2, events2 = run(backend(), [ThinkingBudget(max_thinking=1, cut="step", end_message="\nStop.\n")])
+    assert r2.stats.thinking_tokens == 1 and not controls(events2, "retracted") and r2.reasoning.endswith("Stop.")
+    with pytest.raises(ConfigError):
+        ThinkingBudget(max_thinking=3, cut="sentence")

@@ -45,7 +45,7 @@ def eval_cmd(task, policies, limit, out, calibration, calibrate, temperature, se
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"cannot read calibration {calibration}: {exc}") from None
     with open_runtime(kw) as rt:
-        if any(p.family == "adaptive" for p in pols) and predictor is None:
+        if any(p.family.startswith("adaptive") for p in pols) and predictor is None:
             if not calibrate:
                 raise ConfigError("the adaptive policy needs --calibration FILE or --calibrate")
             cal_task = {"tiny-r1": "tiny-r1-val"}.get(task)

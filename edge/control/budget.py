@@ -11,6 +11,11 @@ and an adaptive per-query budget.
 - ``min_thinking``: if the model closes thinking (or ends) earlier, the close is replaced by
   ``wait_text`` (s1's budget forcing), at most ``max_waits`` times.
 - ``max_thinking == 0`` is "thinking off": the block is closed before the first token.
+- ``cut="step"``: at the cap, the unfinished reasoning step (the tokens since the last
+  paragraph break) is rolled back and thinking closes at that clean step boundary, with no
+  message. A model that never saw truncated reasoning answers from a finished step far
+  better than from half a sentence. The rolled-back tokens are reported (``retracted``
+  event, ``stats.retracted_tokens``) and count as spent.
 """
 
 from __future__ import annotations
@@ -59,9 +64,12 @@ class ThinkingBudget(Controller):
     end_message: str = DEFAULT_END_MESSAGE
     wait_text: str = DEFAULT_WAIT
     close_tag: str = "</think>"
+    cut: str = "token"
     name: str = field(default="budget", init=False)
 
     def __post_init__(self) -> None:
+        if self.cut not in ("token", "step"):
+            raise ConfigError(f"cut must be 'token' or 'step', got {self.cut!r}")
         check_budget("max_thinking", self.max_thinking)
         check_budget("min_thinking", self.min_thinking, allow_none=False)
         check_budget("answer_budget", self.answer_budget)
@@ -76,6 +84,12 @@ class ThinkingBudget(Controller):
         self.waits = 0
         self.forced = False
         self._answer_start = None
+        self._step_end = 0  # thinking tokens at the last paragraph break
+
+    def on_commit(self, gen, piece: str) -> Action | None:
+        if gen.thinking and gen.thinking_text.endswith("\n\n"):
+            self._step_end = gen.thinking_tokens
+        return None
 
     def budget_for(self, gen) -> int | None:
         return self.max_thinking
@@ -102,6 +116,14 @@ class ThinkingBudget(Controller):
             # at the cap even a natural close is injected (an injected tag is not a thinking token)
             natural = closing and not eos
             self.forced = not natural
+            if not natural and self.cut == "step" and 0 < self._step_end < gen.thinking_tokens:
+                return Action(
+                    "budget_exhausted",
+                    text=self.close_tag + "\n\n",
+                    retract=gen.thinking_tokens - self._step_end,
+                    exit_reason="budget",
+                    detail={"thinking_tokens": self._step_end, "budget": budget, "cut": "step"},
+                )
             return Action(
                 "budget_exhausted" if not natural else "thinking_closed_at_budget",
                 text=self.close_tag + "\n\n" if natural else self._end_text(gen),
