@@ -40,6 +40,7 @@ def test_quick_run_writes_a_valid_record(tmp_path, model):
     assert str(model.parent) not in out.read_text()  # portable: no local paths
     assert rec["config"]["quick"] is True and rec["config"]["threads"] == [1]
     assert rec["device"]["software"]["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert len(rec["conditions"]["load_average_start"]) == 3
 
     tp = rec["results"]["throughput"]["configs"]
     assert len(tp) == 1 and tp[0]["threads"] == 1 and tp[0]["gpu_layers"] == 0

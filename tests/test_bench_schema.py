@@ -27,6 +27,12 @@ def test_fixture_records_validate():
     assert {r["device"]["class"] for r in recs} == {"laptop", "phone"}
 
 
+def test_contributed_records_validate():
+    contributed = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "records").glob("*.json"))
+    for rec in schema.load_records(contributed) if contributed else []:
+        assert rec["device"]["label"] and rec["results"]
+
+
 def test_record_error_is_a_config_error():
     assert issubclass(RecordError, ConfigError) and issubclass(RecordError, EdgeError)
 

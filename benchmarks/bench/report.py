@@ -85,6 +85,7 @@ def throughput_rows(records: Sequence[dict[str, Any]]) -> list[Row]:
             row["TTFT ms"] = _fmt_spread(c["ttft"]["seconds"], 1000.0)
             row["peak RSS MiB"] = f"{c['peak_rss_bytes'] / 2**20:.0f}" if c.get("peak_rss_bytes") else None
             row["energy J"] = f"{c['energy_joules']:.1f}" if c.get("energy_joules") is not None else None
+            row["load"] = _load(r)
             rows.append(row)
     return rows
 
@@ -110,10 +111,20 @@ def reasoning_rows(records: Sequence[dict[str, Any]]) -> list[Row]:
                          "policy": p["policy"], "n": p["n"], "accuracy %": f"{100 * p['accuracy']:.1f}",
                          "thinking tokens": f"{p['thinking_tokens']:.1f}",
                          "probe tokens": f"{p['probe_tokens']:.1f}" if p.get("probe_tokens") is not None else None,
-                         "first answer token s": _num(p.get("ttfa_median"), 3),
+                         "first answer s": _num(p.get("ttfa_median"), 3),
                          "to correct answer s": _num(p.get("time_to_correct_median"), 3),
                          "wall s": _num(p.get("seconds"), 3)})
     return rows
+
+
+def _load(rec: dict[str, Any]) -> str | None:
+    """The 1-minute load average at the start of the run, against the CPU count: how busy the
+    machine was with other work (``2.1/8``)."""
+    cond = rec.get("conditions") or {}
+    load = cond.get("load_average_start")
+    if not load:
+        return None
+    return f"{load[0]:.1f}/{cond.get('cpu_count') or rec['device']['cpu'].get('logical_cores') or '?'}"
 
 
 def _num(v: float | None, digits: int) -> str | None:
@@ -142,7 +153,8 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
              "## Devices\n\n", table(device_rows(records))]
     sections = (
         ("Throughput", throughput_rows, "prefill@N: N prompt tokens evaluated from an empty cache; decode@D: generation "
-         "loop tokens/s with D tokens already in context; TTFT: chat prompt to first token."),
+         "loop tokens/s with D tokens already in context; TTFT: chat prompt to first token; load: 1-minute load "
+         "average / CPUs when the run began (other work on the machine)."),
         ("Overhead of edge-reason's loop vs bare llama-cpp-python", overhead_rows,
          "Same model, same threads, interleaved runs; edge's loop runs the think parser plus a budget and an early-exit "
          "controller that never fire. edge/bare > 1 means edge-reason is faster."),

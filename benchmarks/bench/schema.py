@@ -135,7 +135,9 @@ RECORD = _obj(
         "config": _t("object"),
         "results": _obj({}, {"throughput": THROUGHPUT, "overhead": OVERHEAD, "reasoning": REASONING}, minProperties=1),
     },
-    {"duration_seconds": NUM, "power": _t("object"), "argv": _t("array", items=STR), "notes": STR_OR_NULL},
+    {"duration_seconds": NUM, "power": _t("object"), "argv": _t("array", items=STR), "notes": STR_OR_NULL,
+     "conditions": _t("object", properties={"load_average_start": _t("array", "null", items=NUM),
+                                            "load_average_end": _t("array", "null", items=NUM)})},
 )
 
 

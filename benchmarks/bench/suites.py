@@ -68,7 +68,7 @@ class BenchConfig:
     overhead_tokens: int = 128
     overhead_repeats: int = 5
     task: str = "tiny-r1"
-    per_level: int = 5
+    per_level: int = 2
     limit: int | None = None
     policies: tuple[str, ...] = ("unlimited", "budget:128", "early-exit")
     max_tokens: int = 2048
@@ -77,7 +77,7 @@ class BenchConfig:
     @classmethod
     def quick_config(cls, **changes: Any) -> "BenchConfig":
         base = cls(n_ctx=1024, prompt_lengths=(128, 512), depths=(64, 512), decode_tokens=32, warmup=1, repeats=3,
-                   overhead_tokens=32, overhead_repeats=3, per_level=1, max_tokens=256, quick=True)
+                   overhead_tokens=32, overhead_repeats=3, per_level=1, max_tokens=512, quick=True)
         return replace(base, **changes)
 
     def __post_init__(self) -> None:
@@ -159,6 +159,14 @@ class RssSampler:
             self._stop.set()
             self._thread.join()
             self._sample()
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (None where the OS has none, e.g. Windows)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def ru_maxrss_bytes() -> int | None:
@@ -358,7 +366,28 @@ def reasoning_items(cfg: BenchConfig):
     return load_task(cfg.task, limit)
 
 
+class AnswerClock:
+    """Stands in for a Runtime in the harness and times, per chat, the first answer text the
+    user sees, whether the model sampled it or a controller injected it (an early exit
+    answers with the probe's text, so no answer token is ever sampled)."""
+
+    def __init__(self, rt) -> None:
+        self.rt = rt
+        self.first_answer: float | None = None
+
+    def chat(self, *args: Any, **kw: Any):
+        from edge.events import AnswerDelta
+
+        self.first_answer = None
+        t0 = time.perf_counter()
+        for ev in self.rt.chat(*args, **kw):
+            if self.first_answer is None and isinstance(ev, AnswerDelta) and ev.text.strip():
+                self.first_answer = time.perf_counter() - t0
+            yield ev
+
+
 def reasoning(model: str, cfg: BenchConfig, threads: int, gpu_layers: int, n_ctx: int, progress: Progress) -> dict[str, Any]:
+    """Accuracy, thinking tokens and time to answer of each policy on the task slice."""
     from benchmarks import harness
     from edge.params import SamplingParams
     from edge.runtime import Runtime
@@ -369,12 +398,14 @@ def reasoning(model: str, cfg: BenchConfig, threads: int, gpu_layers: int, n_ctx
     records = []
     with fingerprint.EnergyMeter() as energy:
         with Runtime(model, n_ctx=min(4096, n_ctx), threads=threads, device="auto", gpu_layers=gpu_layers) as rt:
+            clock = AnswerClock(rt)
             total = len(items) * len(policies)
             for policy in policies:
                 for item in items:
-                    rec = harness.run_item(rt, item, policy, params)
+                    rec = harness.run_item(clock, item, policy, params)
                     rec.pop("trials", None)
                     rec["id"] = str(rec["id"])
+                    rec["time_to_first_answer_token"] = None if clock.first_answer is None else round(clock.first_answer, 4)
                     records.append(rec)
                     progress(f"reasoning {len(records)}/{total} {policy.name:<14} {item.id}: "
                              f"{'correct' if rec['correct'] else 'wrong  '} thinking={rec['thinking_tokens']} {rec['seconds']:.2f} s")
@@ -423,7 +454,7 @@ def run(model: str | os.PathLike | None, cfg: BenchConfig, *, progress: Progress
     progress(f"device {device['label']} ({device['class']}): {device['cpu']['model']}, "
              f"{device['cpu']['physical_cores']} cores / {device['cpu']['logical_cores']} threads; "
              f"model {minfo['file']} ({minfo['quant']}); suites {', '.join(cfg.suites)}")
-    battery_start = fingerprint.battery()
+    battery_start, load_start = fingerprint.battery(), load_average()
     results: dict[str, Any] = {}
     settings = [(t, g) for g in layers for t in threads]
     if "throughput" in cfg.suites:
@@ -443,6 +474,8 @@ def run(model: str | os.PathLike | None, cfg: BenchConfig, *, progress: Progress
         "model": minfo,
         "config": {**asdict(cfg), "threads": threads, "gpu_layers": layers, "n_ctx": n_ctx},
         "power": {"battery_start": battery_start, "battery_end": fingerprint.battery(), "energy_source": device["energy_source"]},
+        # other work on the machine skews every figure; the load average says how busy it was
+        "conditions": {"load_average_start": load_start, "load_average_end": load_average(), "cpu_count": os.cpu_count()},
         "results": results,
     }
 

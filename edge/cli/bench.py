@@ -93,7 +93,7 @@ def bench() -> None:
 @click.option("--overhead-tokens", type=int, default=None, help="Tokens per overhead run (default 128, 32 with --quick).")
 @click.option("--warmup", type=int, default=None, help="Unmeasured warm-up runs per figure (default 1).")
 @click.option("--task", default=None, help="Reasoning task (default tiny-r1): tiny-r1 | gsm8k | math500 | aime24 | amc23.")
-@click.option("--per-level", type=int, default=None, help="Reasoning problems per difficulty level (default 5, 1 with --quick).")
+@click.option("--per-level", type=int, default=None, help="Reasoning problems per difficulty level (default 2, 1 with --quick).")
 @click.option("--limit", type=int, default=None, help="Reasoning problems in all (overrides --per-level).")
 @click.option("--policy", "policies", multiple=True, help="Reasoning policy, repeatable (default: unlimited, budget:128, early-exit).")
 @click.option("--max-tokens", type=int, default=None, help="Cap on generated tokens per reasoning problem (default 2048, 256 with --quick).")
