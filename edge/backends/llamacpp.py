@@ -194,6 +194,8 @@ class LlamaCppBackend:
             raise BackendError("llama.cpp could not allocate a batch")
         self._tokens: list[int] = []
         self._pieces: dict[int, bytes] = {}
+        self._logits_addr: int | None = None
+        self._logits_view: np.ndarray | None = None
         self._eog: frozenset[int] | None = None
         meta = self._llm.metadata
         self._meta = meta
@@ -317,7 +319,12 @@ class LlamaCppBackend:
         ptr = lib.llama_get_logits_ith(self._ctx, -1)
         if not ptr:
             raise BackendError("llama.cpp returned no logits")
-        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+        # the output buffer rarely moves: reuse the numpy view of it (building one costs ~10 us)
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if addr != self._logits_addr:
+            self._logits_view = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+            self._logits_addr = addr
+        return self._logits_view.copy()
 
     def rollback(self, n_past: int) -> None:
         self._check_open()
