@@ -175,6 +175,8 @@ class Runtime:
                 from edge.models import resolve_model
 
                 path = resolve_model(model)
+                if backend == "llamacpp" and path.is_dir() and any(path.glob("*.onnx")):
+                    backend = "onnx"  # an exported ONNX folder: no need to say --backend onnx
                 opts = dict(n_ctx=n_ctx, threads=threads, device=device, **backend_options)
                 if backend == "llamacpp":
                     opts["gpu_layers"] = gpu_layers

@@ -111,3 +111,15 @@ def test_reference_forms(tmp_path):
     assert HUB_REF.match("owner/repo:file-Q4_K_M.gguf") and not HUB_REF.match("just-a-name.gguf")
     with pytest.raises(ModelNotFoundError):
         resolve_model(str(tmp_path / "absent.gguf"))
+
+
+def test_an_onnx_folder_selects_the_onnx_backend(tmp_path):
+    from convert.onnx import to_onnx
+    from edge.params import SamplingParams
+    from edge.runtime import Runtime
+    from tests.conftest import REPO
+
+    out = to_onnx(REPO / "benchmarks" / "tiny_r1" / "checkpoint", tmp_path / "onnx", weights="fp32")
+    with Runtime(str(out), threads=1) as rt:  # no backend named: the folder says ONNX
+        assert rt.backend.info.name == "onnx"
+        assert rt.ask("a = 3. b = a + 4. What is b?", SamplingParams(temperature=0)).answer.endswith("\\boxed{7}")
