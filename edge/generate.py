@@ -383,7 +383,7 @@ def generate(
         if emitter.stopped:
             finish = "stop"
             break
-        piece = backend.token_bytes(sampled.token).decode("utf-8", errors="ignore")
+        piece = gen.piece(sampled.token) if controllers else ""
         for c in controllers:
             action = c.on_commit(gen, piece)
             yield from drain()
