@@ -96,7 +96,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from convert.hf import Checkpoint, resolve_source
-from convert.verify import DEFAULT_HELDOUT, DEFAULT_PROMPTS, CHAT_QUESTION, Thresholds, TokenizerMismatch, VerifyReport
+from convert.verify import DEFAULT_HELDOUT, DEFAULT_PROMPTS, CHAT_QUESTION, Thresholds, VerifyReport
 from edge.errors import ConfigError, ConversionError, InvalidModelError, ModelNotFoundError, OutputExistsError
 
 logger = logging.getLogger(__name__)
@@ -766,7 +766,7 @@ def verify_onnx(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from convert.verify import _log_softmax, _perplexity
+    from convert.verify import check_tokenizer, compare_logits
     from edge.backends.onnx import OnnxBackend
 
     path = Path(onnx_dir).expanduser()
@@ -792,46 +792,11 @@ def verify_onnx(
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with contextlib.closing(OnnxBackend(path, n_ctx=max(len(s) for s in sequences) + 8, threads=n_threads, device="cpu")) as backend:
-        cases = [(t, False) for t in [*plain, *rendered]] + [(t, True) for t in plain]
-        for text, with_bos in cases:
-            hf = tok.encode(text, add_special_tokens=with_bos)
-            ours = backend.tokenize(text, add_bos=with_bos and backend.add_bos, special=True)
-            if hf != ours:
-                report.tokenizer_mismatches.append(TokenizerMismatch(text, hf, ours, with_bos))
-        if report.tokenizer_mismatches:
-            first = report.tokenizer_mismatches[0]
-            report.failures.append(
-                f"tokenizer differs on {len(report.tokenizer_mismatches)} of {len(cases)} texts "
-                f"(first: {first.text[:40]!r}{' with BOS' if first.with_bos else ''})"
-            )
+        check_tokenizer(report, tok, lambda text, bos: backend.tokenize(text, add_bos=bos and backend.add_bos, special=True), plain, rendered)
 
-        agree, kls, max_diff, n = 0, [], 0.0, 0
-        for i, ids in enumerate(sequences):
-            if not ids:
-                continue
-            with torch.no_grad():
-                ref = model(torch.tensor([ids])).logits[0].double().numpy()
+        def onnx_logits(ids: list[int]) -> np.ndarray:
             backend.rollback(0)
-            got = backend.score(ids).astype(np.float64)
-            if ref.shape != got.shape:
-                report.failures.append(f"logit shapes differ: source {ref.shape}, onnx {got.shape}")
-                return report
-            lp, lq = _log_softmax(ref), _log_softmax(got)
-            kls.extend((np.exp(lp) * (lp - lq)).sum(-1).tolist())
-            agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
-            max_diff = max(max_diff, float(np.abs(ref - got).max()))
-            n += len(ids)
-            if i == len(sequences) - 1 and len(ids) > 1:
-                report.ppl_source, report.ppl_gguf = _perplexity(ref, ids), _perplexity(got, ids)
+            return backend.score(ids)
 
-    report.n_positions = n
-    report.top1_agreement = agree / n if n else float("nan")
-    report.mean_kl = float(np.mean(kls)) if kls else float("nan")
-    report.max_kl = float(np.max(kls)) if kls else float("nan")
-    report.max_abs_logit_diff = max_diff
-    th = report.thresholds
-    if not report.top1_agreement >= th.min_top1:
-        report.failures.append(f"top-1 agreement {report.top1_agreement:.4f} < {th.min_top1}")
-    if not report.mean_kl < th.max_mean_kl:
-        report.failures.append(f"mean KL {report.mean_kl:.3g} >= {th.max_mean_kl}")
+        compare_logits(report, model, sequences, onnx_logits, "onnx")
     return report

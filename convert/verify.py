@@ -258,27 +258,40 @@ def verify(
         Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
               type_k=0, type_v=0, verbose=False)
     ) as llm:
-        _check_tokenizer(report, tok, llm, plain, rendered)
+        check_tokenizer(report, tok, lambda text, bos: llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True), plain, rendered)
 
-        agree, kls, max_diff, n = 0, [], 0.0, 0
-        for i, ids in enumerate(sequences):
-            if not ids:
-                continue
-            with torch.no_grad():
-                ref = model(torch.tensor([ids])).logits[0].double().numpy()
+        def gguf_logits(ids: list[int]) -> np.ndarray:
             llm.reset()
             llm.eval(ids)
-            got = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
-            if ref.shape != got.shape:
-                report.failures.append(f"logit shapes differ: source {ref.shape}, gguf {got.shape}")
-                return report
-            lp, lq = _log_softmax(ref), _log_softmax(got)
-            kls.extend((np.exp(lp) * (lp - lq)).sum(-1).tolist())
-            agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
-            max_diff = max(max_diff, float(np.abs(ref - got).max()))
-            n += len(ids)
-            if i == len(sequences) - 1 and len(ids) > 1:
-                report.ppl_source, report.ppl_gguf = _perplexity(ref, ids), _perplexity(got, ids)
+            return np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+
+        compare_logits(report, model, sequences, gguf_logits, "gguf")
+    return report
+
+
+def compare_logits(report: VerifyReport, model: Any, sequences: list[list[int]], target: Any, label: str) -> VerifyReport:
+    """Run the source model and ``target(ids) -> logits`` on each sequence; fill in top-1
+    agreement, KL, max |logit diff|, perplexities and the threshold failures of ``report``.
+    Shared by the GGUF and ONNX verifications."""
+    import torch
+
+    agree, kls, max_diff, n = 0, [], 0.0, 0
+    for i, ids in enumerate(sequences):
+        if not ids:
+            continue
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].double().numpy()
+        got = np.asarray(target(ids), dtype=np.float64)
+        if ref.shape != got.shape:
+            report.failures.append(f"logit shapes differ: source {ref.shape}, {label} {got.shape}")
+            return report
+        lp, lq = _log_softmax(ref), _log_softmax(got)
+        kls.extend((np.exp(lp) * (lp - lq)).sum(-1).tolist())
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        max_diff = max(max_diff, float(np.abs(ref - got).max()))
+        n += len(ids)
+        if i == len(sequences) - 1 and len(ids) > 1:
+            report.ppl_source, report.ppl_gguf = _perplexity(ref, ids), _perplexity(got, ids)
 
     report.n_positions = n
     report.top1_agreement = agree / n if n else float("nan")
@@ -293,12 +306,13 @@ def verify(
     return report
 
 
-def _check_tokenizer(report: VerifyReport, tok: Any, llm: Any, plain: list[str], rendered: list[str]) -> None:
-    """Same ids from both tokenizers, without BOS (all texts) and with it (plain texts)."""
+def check_tokenizer(report: VerifyReport, tok: Any, tokenize: Any, plain: list[str], rendered: list[str]) -> None:
+    """Same ids from the HF tokenizer and ``tokenize(text, with_bos)`` (the converted model's),
+    without BOS (all texts) and with it (plain texts). Shared by the GGUF and ONNX checks."""
     cases = [(t, False) for t in [*plain, *rendered]] + [(t, True) for t in plain]
     for text, with_bos in cases:
         hf = tok.encode(text, add_special_tokens=with_bos)
-        gg = llm.tokenize(text.encode("utf-8"), add_bos=with_bos, special=True)
+        gg = tokenize(text, with_bos)
         if hf != gg:
             report.tokenizer_mismatches.append(TokenizerMismatch(text, hf, gg, with_bos))
     if report.tokenizer_mismatches:
