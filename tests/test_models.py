@@ -29,6 +29,12 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             return self.files.get(f"{parts[0]}/{parts[1]}:{'/'.join(parts[4:])}")
         return None
 
+    def _not_found(self):
+        self.send_response(404)
+        self.send_header("X-Error-Code", "EntryNotFound")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _headers(self, path: Path):
         etag = hashlib.sha256(path.name.encode()).hexdigest()
         self.send_response(200)
@@ -42,22 +48,14 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         self.requests.append("HEAD " + self.path)
         p = self._target()
         if p is None:
-            self.send_response(404)
-            self.send_header("X-Error-Code", "EntryNotFound")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
+            return self._not_found()
         self._headers(p)
 
     def do_GET(self):
         self.requests.append("GET " + self.path)
         p = self._target()
         if p is None:
-            self.send_response(404)
-            self.send_header("X-Error-Code", "EntryNotFound")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
+            return self._not_found()
         self._headers(p)
         with open(p, "rb") as f:
             while chunk := f.read(1 << 20):
