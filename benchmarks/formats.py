@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.harness import atomic_write
+
 HERE = Path(__file__).resolve().parent
 FORMATS = [("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int4")]
 
@@ -74,9 +76,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = a.out.with_name(a.out.name + ".tmp")
-    tmp_out.write_text(json.dumps({"src": a.src, "threads": a.threads, "rows": rows}, indent=2))
-    tmp_out.replace(a.out)
+    atomic_write(a.out, json.dumps({"src": a.src, "threads": a.threads, "rows": rows}, indent=2))
     print("| format | file size | accuracy | thinking tokens | decode tok/s | peak RSS |")
     print("|---|---|---|---|---|---|")
     for r in rows:

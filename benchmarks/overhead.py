@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.harness import atomic_write
+
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -97,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run_overhead(a.model, threads=a.threads, tokens=a.tokens, repeats=a.repeats)
     text = json.dumps(res, indent=2)
     if a.out:
-        tmp = a.out.with_suffix(a.out.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(a.out)
+        atomic_write(a.out, text)
     print(text)
     print(f"ratio edge/bare = {res['ratio']:.3f}", file=sys.stderr)
     return 0

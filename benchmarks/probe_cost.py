@@ -17,6 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.harness import atomic_write
+
 from edge.control.early_exit import DEFAULT_INDUCER
 from edge.events import Stats
 from edge.generate import Generation
@@ -80,9 +82,7 @@ def main(argv=None) -> int:
         rows = [measure(b, n) for n in lengths]
     text = json.dumps({"model": a.model, "rows": rows}, indent=2)
     if a.out:
-        tmp = a.out.with_name(a.out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(a.out)
+        atomic_write(a.out, text)
     print(text)
     return 0
 
