@@ -9,6 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# property tests replay the same examples on every run, so CI cannot fail on a draw it never
+# made before; EDGE_HYPOTHESIS_EXPLORE=1 draws fresh examples (for finding new bugs locally)
+settings.register_profile("replay", derandomize=True)
+if not os.environ.get("EDGE_HYPOTHESIS_EXPLORE"):
+    settings.load_profile("replay")
 
 REPO = Path(__file__).resolve().parent.parent
 

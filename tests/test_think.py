@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -72,7 +74,9 @@ def test_one_character_at_a_time_equals_whole(text, start):
 def test_no_text_is_lost_but_tags(text):
     pieces, _ = run([text])
     body = "".join(t for _, t in pieces)
-    assert body == text.replace("<think>", "").replace("</think>", "")
+    # tags are consumed left to right; text around a removed tag is not parsed again
+    # ("</<think>think>" leaves the text "</think>")
+    assert body == re.sub("<think>|</think>", "", text)
 
 
 @pytest.mark.parametrize(
