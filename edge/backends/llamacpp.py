@@ -192,9 +192,19 @@ class LlamaCppBackend:
         if self._batch is None or not self._batch.token:
             self.close()
             raise BackendError("llama.cpp could not allocate a batch")
+        # every slot always belongs to sequence 0: set once, not per token
+        for j in range(self._n_batch):
+            self._batch.n_seq_id[j] = 1
+            self._batch.seq_id[j][0] = 0
+        # the same C function as llama_get_logits_ith, declared to return the address as an
+        # int: no ctypes pointer object and cast per token
+        self._logits_addr_of = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
+            ctypes.cast(llama_cpp.llama_cpp._lib.llama_get_logits_ith, ctypes.c_void_p).value
+        )
+        self._n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
         self._tokens: list[int] = []
         self._pieces: dict[int, bytes] = {}
-        self._logits_addr: int | None = None
+        self._logits_addr = -1  # address of the logits row the view below maps (never NULL)
         self._logits_view: np.ndarray | None = None
         self._eog: frozenset[int] | None = None
         meta = self._llm.metadata
@@ -205,7 +215,7 @@ class LlamaCppBackend:
             name="llamacpp",
             device=used_device,
             model_path=str(path),
-            n_ctx=int(llama_cpp.llama_n_ctx(self._ctx)),
+            n_ctx=self._n_ctx,
             threads=int(self._llm.context_params.n_threads),
             gpu_layers=offloaded,
             offload_supported=bool(llama_cpp.llama_supports_gpu_offload()),
@@ -221,7 +231,7 @@ class LlamaCppBackend:
     # -- properties --------------------------------------------------------------------------
     @property
     def n_ctx(self) -> int:
-        return self.info.n_ctx
+        return self._n_ctx
 
     @property
     def n_vocab(self) -> int:
@@ -288,6 +298,22 @@ class LlamaCppBackend:
 
     # -- decoding ------------------------------------------------------------------------------
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
+        n_past = len(self._tokens)
+        if len(tokens) == 1 and n_past < self._n_ctx and self._llm is not None:
+            # the decode step, once per generated token: kept to the few calls it needs
+            batch = self._batch
+            batch.n_tokens = 1
+            batch.token[0] = token = tokens[0]
+            batch.pos[0] = n_past
+            batch.logits[0] = 1
+            rc = self._lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                self._decode_failed(n_past, rc)
+            self._tokens.append(token)
+            addr = self._logits_addr_of(self._ctx, -1)
+            if addr == self._logits_addr:
+                return self._logits_view.copy()
+            return self._logits()
         self._check_open()
         tokens = list(tokens)
         if not tokens:
@@ -306,22 +332,29 @@ class LlamaCppBackend:
             for j, tok in enumerate(chunk):
                 batch.token[j] = tok
                 batch.pos[j] = n_past + j
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = 0
                 batch.logits[j] = 0
             batch.logits[n - 1] = 1
-            rc = lib.llama_decode(self._ctx, batch)
-            if rc != 0:
-                # a failed decode leaves nothing of this chunk in the cache
-                lib.llama_memory_seq_rm(self._mem, 0, len(self._tokens), -1)
-                raise BackendError(f"llama_decode failed with code {rc} at position {len(self._tokens)}")
+            self._decode(n_past)
             self._tokens.extend(chunk)
-        ptr = lib.llama_get_logits_ith(self._ctx, -1)
-        if not ptr:
+        return self._logits()
+
+    def _decode(self, n_past: int) -> None:
+        rc = self._lib.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            self._decode_failed(n_past, rc)
+
+    def _decode_failed(self, n_past: int, rc: int) -> None:
+        # a failed decode leaves nothing of this batch in the cache
+        self._lib.llama_memory_seq_rm(self._mem, 0, n_past, -1)
+        raise BackendError(f"llama_decode failed with code {rc} at position {n_past}")
+
+    def _logits(self) -> np.ndarray:
+        addr = self._logits_addr_of(self._ctx, -1)
+        if not addr:
             raise BackendError("llama.cpp returned no logits")
         # the output buffer rarely moves: reuse the numpy view of it (building one costs ~10 us)
-        addr = ctypes.cast(ptr, ctypes.c_void_p).value
         if addr != self._logits_addr:
+            ptr = ctypes.cast(addr, ctypes.POINTER(ctypes.c_float))
             self._logits_view = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
             self._logits_addr = addr
         return self._logits_view.copy()
@@ -335,6 +368,20 @@ class LlamaCppBackend:
         if not self._lib.llama_memory_seq_rm(self._mem, 0, n_past, -1):
             raise BackendError("llama.cpp refused to truncate the KV cache (recurrent model?)")
         del self._tokens[n_past:]
+
+    @property
+    def llama(self):
+        """The ``llama_cpp.Llama`` this backend decodes through (shared by the overhead
+        benchmark's bare loop, so both loops run on the very same weights and buffers)."""
+        self._check_open()
+        return self._llm
+
+    def reset(self) -> None:
+        """Empty the KV cache entirely, including cells written through :attr:`llama` by
+        someone else; the next eval starts at position 0."""
+        self._check_open()
+        self._lib.llama_memory_seq_rm(self._mem, -1, 0, -1)
+        self._tokens.clear()
 
     def close(self) -> None:
         batch = getattr(self, "_batch", None)
