@@ -75,6 +75,8 @@ class Generation:
         self.pending_bytes = False
         self.pending_tokens = 0
         self._events: list[Event] = []
+        self._pieces: dict[int, str] = {}
+        self.eos = backend.eos_token_ids
 
     @property
     def thinking(self) -> bool:
@@ -89,11 +91,19 @@ class Generation:
         return self.stats.answer_tokens
 
     def piece(self, token: int) -> str:
-        return self.backend.token_bytes(token).decode("utf-8", errors="ignore")
+        """The text of ``token`` alone (bytes of an unfinished character are left out)."""
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self.backend.token_bytes(token).decode("utf-8", errors="ignore")
+        return text
 
     def would_close_thinking(self, token: int) -> bool:
         """True if committing ``token`` would close the current think block."""
-        return self.parser.thinking and self.parser.tags.close in self.parser._held + self.piece(token)
+        parser = self.parser
+        if not parser.thinking:
+            return False
+        text = self._pieces.get(token)
+        return parser.tags.close in parser._held + (text if text is not None else self.piece(token))
 
     def emit(self, kind: str, **detail) -> None:
         """Report something to the front ends without acting (e.g. a probe's reading)."""
@@ -138,6 +148,23 @@ class Generation:
         return ProbeResult(raw.decode("utf-8", errors="replace"), out, lps, cost, finished)
 
 
+def _hooks(controllers: Sequence[Controller], hook: str) -> dict[bool, list[Controller]]:
+    """The controllers whose ``hook`` to call per token, while thinking (key True) and while
+    answering (key False); one that is not a :class:`Controller` gets every hook it has."""
+    def wants(c, thinking: bool) -> bool:
+        return c.wants(hook, thinking) if hasattr(c, "wants") else hasattr(c, hook)
+
+    return {phase: [c for c in controllers if wants(c, phase)] for phase in (True, False)}
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _decoder():
     return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -152,7 +179,16 @@ class _Emitter:
         self.held = ""
         self.stopped = False
 
-    def pieces(self, gen: Generation, pieces: Iterable[tuple[str, str]], final: bool = False) -> list[Event]:
+    def pieces(self, gen: Generation, pieces: Sequence[tuple[str, str]], final: bool = False) -> list[Event]:
+        if len(pieces) == 1 and pieces[0][0] == self.block and not final and not self.stopped:
+            # one piece continuing the current block (nearly every token): nothing to trim
+            kind, text = pieces[0]
+            if kind == THINKING:
+                gen.thinking_text += text
+                return [ThinkingDelta(text)]
+            if not self.stop:
+                gen.answer_text += text
+                return [AnswerDelta(text)]
         out: list[Event] = []
         for kind, text in pieces:
             if self.stopped:
@@ -251,11 +287,14 @@ def generate(
     stats = Stats(backend=backend.info.to_dict())
     parser = ThinkParser(tags, start_in_thinking=start_in_thinking)
     gen = Generation(backend, params, parser, stats)
-    sampler = make_sampler(params)
+    sample = make_sampler(params).sample  # a bound method calls faster than __call__
     emitter = _Emitter(params.stop)
     decoder = _decoder()
     eos = backend.eos_token_ids
     history = list(prompt_tokens)
+    token_bytes = backend.token_bytes
+    whole: dict[int, str] = {}  # tokens whose bytes are complete UTF-8 on their own -> text
+    n_ctx, max_tokens, ignore_eos = backend.n_ctx, params.max_tokens, params.ignore_eos
     # the log-softmax over the vocabulary is paid only when someone reads token logprobs
     want_logprob = params.logprobs or any(getattr(c, "needs_logprobs", False) for c in controllers)
 
@@ -277,10 +316,15 @@ def generate(
         was_thinking = parser.thinking
         gen.logits = backend.eval(tokens)
         history.extend(tokens)
-        raw = b"".join(backend.token_bytes(t) for t in tokens)
-        text = decoder.decode(raw)
-        gen.pending_bytes = bool(decoder.getstate()[0])
-        gen.pending_tokens = gen.pending_tokens + len(tokens) if gen.pending_bytes else 0
+        text = whole.get(tokens[0]) if len(tokens) == 1 and not gen.pending_bytes else None
+        if text is None:
+            raw = b"".join(token_bytes(t) for t in tokens)
+            if len(tokens) == 1 and not gen.pending_bytes and _is_utf8(raw):
+                text = whole[tokens[0]] = raw.decode("utf-8")  # nothing buffered: no decoder needed
+            else:
+                text = decoder.decode(raw)
+                gen.pending_bytes = bool(decoder.getstate()[0])
+                gen.pending_tokens = gen.pending_tokens + len(tokens) if gen.pending_bytes else 0
         events = emitter.pieces(gen, parser.feed(text))
         if was_thinking and not parser.thinking and t_think_end is None:
             t_think_end = time.perf_counter()
@@ -338,32 +382,32 @@ def generate(
     for c in controllers:
         c.start(gen)
     yield from drain()
+    # hooks that cannot act under a controller's settings are not called per token
+    token_hooks, commit_hooks = _hooks(controllers, "on_token"), _hooks(controllers, "on_commit")
 
     finish = "stop"
     while True:
         if cancel is not None and cancel.is_set():
             finish = "cancelled"
             break
-        if stats.thinking_tokens + stats.answer_tokens >= params.max_tokens:
+        if stats.thinking_tokens + stats.answer_tokens >= max_tokens or backend.n_past >= n_ctx:
             finish = "length"
             break
-        if backend.n_past >= backend.n_ctx:
-            finish = "length"
-            break
-        sampled: Sampled = sampler(gen.logits, history, logprob=want_logprob)
+        sampled: Sampled = sample(gen.logits, history, want_logprob)
         action = None
-        for c in controllers:
+        for c in token_hooks[parser.thinking]:
             action = c.on_token(gen, sampled)
             if action is not None:
                 break
-        yield from drain()
+        if gen._events:
+            yield from drain()
         if action is not None:
             yield from apply(action)
             if action.stop or emitter.stopped:
                 finish = "stop" if not action.stop else (action.exit_reason or "stop")
                 break
             continue
-        if sampled.token in eos and not params.ignore_eos:
+        if sampled.token in eos and not ignore_eos:
             finish = "stop"
             break
         thinking = parser.thinking
@@ -383,10 +427,14 @@ def generate(
         if emitter.stopped:
             finish = "stop"
             break
-        piece = gen.piece(sampled.token) if controllers else ""
-        for c in controllers:
+        hooks = commit_hooks[parser.thinking]
+        if not hooks:
+            continue
+        piece = gen.piece(sampled.token)
+        for c in hooks:
             action = c.on_commit(gen, piece)
-            yield from drain()
+            if gen._events:
+                yield from drain()
             if action is not None:
                 yield from apply(action)
                 if action.stop:

@@ -8,6 +8,7 @@ confidence signals of the early-exit controllers read, so they are always comput
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 from edge.params import SamplingParams
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Sampled:
     token: int
     logprob: float
@@ -75,14 +76,27 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     return order[: max(cut, 1)]
 
 
+_NAN = float("nan")
+
+
 class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self._argmax_only = params.greedy and params.repeat_penalty == 1.0 and not params.top_logprobs
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = (), *, logprob: bool = True) -> Sampled:
+        return self.sample(logits, history, logprob)
+
+    def sample(self, logits: np.ndarray, history: Sequence[int] = (), logprob: bool = True) -> Sampled:
         """Choose a token. ``logprob=False`` skips the log-softmax over the vocabulary (a
         150k-entry pass per token) when nobody reads it; the logprob is then NaN."""
+        if self._argmax_only:  # plain greedy: the per-token common case
+            tok = int(logits.argmax())
+            if not logprob:
+                return Sampled(tok, _NAN)
+            # the chosen token is the maximum, so its logprob is -log(sum(exp(logits - max)))
+            return Sampled(tok, -math.log(np.exp(logits - logits[tok]).sum(dtype=np.float64)))
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
         scored = apply_repeat_penalty(logits, history, p.repeat_penalty, p.repeat_last_n)
@@ -91,7 +105,7 @@ class Sampler:
         else:
             tok = self._sample(scored)
         if not logprob and not p.top_logprobs:
-            return Sampled(tok, float("nan"))
+            return Sampled(tok, _NAN)
         lse = logsumexp(logits)
         top = ()
         if p.top_logprobs:

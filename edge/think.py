@@ -46,6 +46,7 @@ class ThinkParser:
         self.stray_tags = 0
         self._held = ""
         self._firsts = {tags.open[0], tags.close[0]}
+        self._first = tags.open[0] if len(self._firsts) == 1 else None  # "<" for <think>/</think>
         self._maxlen = max(len(tags.open), len(tags.close))
 
     @property
@@ -54,8 +55,13 @@ class ThinkParser:
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         """Consume ``text``; return the pieces that are now certain, in order."""
-        if not self._held and text and not any(c in text for c in self._firsts):
-            return [(self.mode, text)]  # fast path: no tag starts in this text
+        if not self._held and text:
+            # fast path: no tag starts in this text
+            if self._first is not None:
+                if self._first not in text:
+                    return [(THINKING if self.thinking else ANSWER, text)]
+            elif not any(c in text for c in self._firsts):
+                return [(THINKING if self.thinking else ANSWER, text)]
         buf = self._held + text
         self._held = ""
         out: list[tuple[str, str]] = []

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from edge.control.budget import AdaptiveBudget, LengthPredictor, ThinkingBudget, effort_budget
 from edge.control.early_exit import EarlyExit, boxed_answer, is_boundary
@@ -201,3 +205,55 @@ def test_step_cut_rolls_back_the_unfinished_step():
     assert r2.stats.thinking_tokens == 1 and not controls(events2, "retracted") and r2.reasoning.endswith("Stop.")
     with pytest.raises(ConfigError):
         ThinkingBudget(max_thinking=3, cut="sentence")
+
+
+PIECES = ["Wait", " Wait", "Hmm", " Hmm", "Alter", " Alternatively", " But", "But", " wait", "Double", "-check", "x", " x",
+          " = 7.", ".", " ", "\n", "\n\n", " \n\n", "<", "</", "think", ">", "</think>", "Wai", " Dou"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(script=st.lists(st.sampled_from(PIECES), min_size=1, max_size=30), gate=st.sampled_from([0.0, 0.5]))
+@example(script=["x", "\n\n", "</", "think>", " Wait"], gate=0.0)  # a tag split across tokens
+@example(script=["x", "Wait", " ", "Wait", " Wait", "\n\n", " Hmm"], gate=0.5)
+def test_early_exit_probes_exactly_where_is_boundary_says(script, gate):
+    """The per-token path classifies each token id once; its probe points must be those of
+    the plain rule: thinking, a token that neither ends nor closes thinking, and
+    is_boundary(thinking so far, token text), gated by the stream confidence."""
+
+    class Recorded(EarlyExit):
+        def probe_step(self, gen):
+            self.points.append(gen.thinking_tokens)
+            return None
+
+    class Reference(EarlyExit):
+        def on_token(self, gen, sampled):
+            tok = sampled.token
+            if (gen.thinking and gen.thinking_tokens >= 1 and tok not in gen.eos and not gen.would_close_thinking(tok)
+                    and is_boundary(gen.thinking_text, gen.piece(tok), self.words)):
+                self.points.append(gen.thinking_tokens)
+            return None
+
+    fast, ref = Recorded(gate=gate), Reference()
+    fast.points, ref.points = [], []
+    b = ScriptedBackend(script, ANSWER, probs=[0.9] * len(script))
+    run(b, [fast, ref])
+    assert fast.points == ref.points  # a 0.9-confident stream passes a 0.5 gate everywhere
+
+
+def test_gate_reads_the_mean_probability_of_the_last_window_tokens():
+    """The gate keeps logits and normalizes them when read; what it reads must equal the
+    mean of exp(logprob) over the last `window` committed thinking tokens."""
+    seen = []
+
+    class Recorded(EarlyExit):
+        def probe_step(self, gen):
+            seen.append((self.stream_confidence(gen), [math.exp(x) for x in gen.thinking_logprobs[-self.window :]]))
+            return None
+
+    probs = [0.5, 0.9, 0.6, 0.99, 0.7, 0.95, 0.8, 0.55, 0.97, 0.65, 0.85]
+    b = backend(probs=probs)
+    run(b, [Recorded(gate=0.01, window=3)], params=SamplingParams(temperature=0, max_tokens=200, logprobs=True))
+    assert len(seen) == 3  # the three paragraph starts and "Wait" of SCRIPT
+    for got, want in seen:
+        assert got == pytest.approx(sum(want) / len(want), abs=1e-6)
+    assert [len(want) for _, want in seen] == [2, 3, 3]  # the window fills, then slides

@@ -290,8 +290,10 @@ def test_reasoning_controls_run_unchanged_on_onnx(onnx_of):
     class EveryFewTokens(EarlyExit):
         """Probe every 4 thinking tokens: a random model writes no paragraphs or "Wait"s."""
 
-        def should_probe(self, gen, piece: str) -> bool:
-            return gen.thinking and not gen.pending_bytes and gen.thinking_tokens > 0 and gen.thinking_tokens % 4 == 0
+        def on_token(self, gen, sampled):
+            if gen.thinking and not gen.pending_bytes and gen.thinking_tokens > 0 and gen.thinking_tokens % 4 == 0:
+                return self.probe_step(gen)
+            return None
 
     greedy = SamplingParams(temperature=0, max_tokens=40)
     msgs = [{"role": "user", "content": "What is 2+2?"}]

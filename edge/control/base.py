@@ -11,6 +11,9 @@ run through a read-only view (:class:`edge.generate.Generation`) and answers wit
 - ``on_commit(gen, piece)``: a token was committed (``piece`` is its text). Returning an
   action *appends* its text (early exit: close thinking). Probing the model from here with
   ``gen.probe(...)`` is allowed: the probe is rolled back before the generator goes on.
+- ``wants(hook, thinking)``: whether a hook is worth calling per token of this run while the
+  model is thinking (``thinking=True``) or answering. The hooks run at every token, so one
+  that cannot act in a phase, or under the current settings, is skipped there.
 
 Controllers never touch the backend directly except through ``gen.probe``; so they work on
 every backend. They must be deterministic given the run (and the sampler's seed).
@@ -56,3 +59,11 @@ class Controller:
 
     def on_commit(self, gen: "Generation", piece: str) -> Action | None:
         return None
+
+    def wants(self, hook: str, thinking: bool) -> bool:
+        """Whether the generator should call ``hook`` ("on_token" / "on_commit") at every
+        token of this run while thinking (``thinking=True``) or answering; asked after
+        :meth:`start`. By default: whether the subclass overrides the hook. A controller
+        whose settings make a hook a no-op in a phase says False, and the generator saves
+        the call per token. (``on_commit`` is asked with the phase the token ended in.)"""
+        return getattr(type(self), hook) is not getattr(Controller, hook)

@@ -91,6 +91,12 @@ class ThinkingBudget(Controller):
             self._step_end = gen.thinking_tokens
         return None
 
+    def wants(self, hook: str, thinking: bool) -> bool:
+        if hook == "on_commit":  # paragraph ends are tracked only for the step cut
+            return thinking and self.cut == "step"
+        # in the answer only an answer budget can act
+        return thinking or self.answer_budget is not None
+
     def budget_for(self, gen) -> int | None:
         return self.max_thinking
 
@@ -100,13 +106,16 @@ class ThinkingBudget(Controller):
         return self.end_message + self.close_tag + "\n\n"
 
     def on_token(self, gen, sampled) -> Action | None:
-        eos = sampled.token in gen.backend.eos_token_ids and not gen.params.ignore_eos
-        if not gen.thinking:
+        eos = sampled.token in gen.eos and not gen.params.ignore_eos
+        if not gen.parser.thinking:
             if self._answer_start is None:
                 self._answer_start = gen.answer_tokens
             if self.answer_budget is not None and gen.answer_tokens - self._answer_start >= self.answer_budget and not eos:
                 return Action("answer_budget_exhausted", stop=True, exit_reason="length", detail={"answer_tokens": gen.answer_tokens})
             return None
+        n, budget = gen.stats.thinking_tokens, self.budget_for(gen)
+        if not eos and n >= self.min_thinking and (budget is None or n < budget):
+            return None  # the common case, decided without looking at the token's text
         closing = eos or gen.would_close_thinking(sampled.token)
         if closing and gen.thinking_tokens < self.min_thinking and self.waits < self.max_waits:
             self.waits += 1

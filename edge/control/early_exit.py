@@ -14,7 +14,9 @@ state, decodes a short trial answer greedily, reads its confidence, and rolls th
 Probes cost tokens, so a cheap always-on signal decides when one is worth it (DeepConf-style,
 arXiv 2508.15260): the mean probability of the main stream's last ``window`` thinking tokens
 must be >= ``gate`` (0 disables the gate), at least ``min_gap`` thinking tokens must separate two
-probes, and none runs before ``min_thinking`` tokens.
+probes, and none runs before ``min_thinking`` tokens. The gate keeps references to the logits of
+those ``window`` tokens and normalizes them only when a boundary asks (one vectorized pass),
+so it adds no per-token log-softmax over the vocabulary.
 
 On exit, the sampled token is replaced by the inducer followed by the probe's answer, so the
 answer is reused rather than decoded again; the model then finishes the reply itself.
@@ -23,12 +25,17 @@ Probe tokens are counted apart (``stats.probe_tokens``) so savings are quoted ne
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from edge.control.base import Action, Controller
 from edge.errors import ConfigError
 
+_NEVER, _PLAIN, _WORD, _WORD_INNER = range(4)
 DEFAULT_INDUCER = "</think>\n\n**Final Answer**\n\\boxed{"
 DEFAULT_WORDS = ("Wait", "Alternatively", "Hmm", "But wait", "Let me double-check", "Double-check")
 CONFIDENCE_KINDS = ("mean", "min", "geo")
@@ -56,14 +63,22 @@ def boxed_answer(text: str) -> str:
 def is_boundary(thinking_text: str, piece: str, words=DEFAULT_WORDS) -> bool:
     """True when ``piece`` (the token about to be committed) starts a new reasoning step: the
     first non-blank token of a paragraph, or a token that begins a reflection word."""
-    if not thinking_text.strip() or not piece.strip():
+    # (called at every thinking token: isspace stops at the first letter, strip() would copy)
+    if not thinking_text or not piece or thinking_text.isspace() or piece.isspace():
         return False
     if thinking_text.endswith("\n\n"):
         return True
     if not (piece[0].isspace() or thinking_text[-1].isspace()):
         return False  # inside a word
     word = piece.strip()
-    return any(w.split()[0] == word or (len(word) >= 4 and w.startswith(word)) for w in words)
+    first_words, words = _first_words(tuple(words))
+    return word in first_words or (len(word) >= 4 and any(w.startswith(word) for w in words))
+
+
+@functools.lru_cache(maxsize=16)
+def _first_words(words: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The first word of each reflection phrase ("But wait" -> "But")."""
+    return frozenset(w.split()[0] for w in words if w.split()), words
 
 
 @dataclass
@@ -91,6 +106,7 @@ class EarlyExit(Controller):
             raise ConfigError(f"unknown confidence {self.confidence!r}; choose one of: {', '.join(CONFIDENCE_KINDS)}")
         if self.mode not in MODES:
             raise ConfigError(f"unknown early-exit mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        self.words = tuple(self.words)
         if not 1 <= self.k <= 16:
             raise ConfigError(f"k must be in [1, 16], got {self.k}")
         for name in ("probe_max_tokens", "window", "min_gap", "min_thinking", "max_probes"):
@@ -99,31 +115,44 @@ class EarlyExit(Controller):
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
         if self.probe_max_tokens < 1:
             raise ConfigError("probe_max_tokens must be >= 1")
+        if self.window < 1:
+            raise ConfigError("window must be >= 1")
         self.start(None)
-
-    @property
-    def needs_logprobs(self) -> bool:
-        return self.gate > 0
 
     def start(self, gen) -> None:
         self.trials: list[dict] = []
         self._last_probe_at = -(10**9)
+        # (logits sampled from, token, index in gen.generated) of the last thinking tokens
+        # sampled; whether each was committed is checked only when the gate is read
+        self._recent: deque[tuple[np.ndarray, int, int]] = deque(maxlen=2 * self.window)
+        # token id -> what its text alone says about starting a step (see _token_kind)
+        self._kinds: dict[int, int] = {}
 
     def stream_confidence(self, gen) -> float:
-        lps = gen.thinking_logprobs[-self.window :]
-        return sum(math.exp(x) for x in lps) / len(lps) if lps else 0.0
+        """Mean probability of the last ``window`` committed thinking tokens."""
+        generated = gen.generated
+        committed = {at: (lg, tok) for lg, tok, at in self._recent if at < len(generated) and generated[at] == tok}
+        recent = [committed[at] for at in sorted(committed)][-self.window :]
+        if not recent:
+            return 0.0
+        x = np.stack([lg for lg, _ in recent]).astype(np.float64)
+        toks = np.fromiter((t for _, t in recent), dtype=np.int64, count=len(recent))
+        m = x.max(axis=1)
+        lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
+        return float(np.exp(x[np.arange(len(toks)), toks] - lse).mean())
 
-    def should_probe(self, gen, piece: str) -> bool:
-        if not gen.thinking or gen.pending_bytes:
-            return False
-        if len(self.trials) >= self.max_probes:
-            return False
-        n = gen.thinking_tokens
-        if n < max(1, self.min_thinking) or n - self._last_probe_at < self.min_gap:
-            return False
-        if not is_boundary(gen.thinking_text, piece, self.words):
-            return False
-        return self.gate <= 0 or self.stream_confidence(gen) >= self.gate
+    def _token_kind(self, gen, token: int) -> int:
+        """Classify a token by its text alone, once per token id: _NEVER (end of sequence,
+        contains the closing tag, or blank), _PLAIN (starts a step only after a blank line),
+        _WORD (a reflection word with its leading space: starts a step after any non-blank
+        text) or _WORD_INNER (a reflection word without the space: only after whitespace)."""
+        piece = gen.piece(token)
+        if token in gen.eos or gen.parser.tags.close in piece or not piece or piece.isspace():
+            return _NEVER
+        if not is_boundary("x ", piece, self.words):
+            return _PLAIN
+        return _WORD if is_boundary("x", piece, self.words) else _WORD_INNER
+
 
     def decide(self) -> bool:
         last = self.trials[-1]
@@ -136,12 +165,39 @@ class EarlyExit(Controller):
             return by_cons
         return by_conf or by_cons
 
+    def wants(self, hook: str, thinking: bool) -> bool:
+        return hook == "on_token" and thinking  # nothing to do once thinking is over
+
     def on_token(self, gen, sampled) -> Action | None:
-        if sampled.token in gen.backend.eos_token_ids or gen.would_close_thinking(sampled.token):
+        # This runs at every thinking token, so it is written for speed: the cheap tests come first,
+        # and the token's text is classified once per token id; the outcome is that of
+        # is_boundary(thinking text, token text) plus the gate.
+        token, thinking = sampled.token, gen.parser.thinking
+        if thinking and self.gate > 0:
+            # the gate keeps the logits and normalizes them only when read
+            self._recent.append((gen.logits, token, len(gen.generated)))
+        if not thinking or gen.pending_bytes or len(self.trials) >= self.max_probes:
             return None
-        piece = gen.piece(sampled.token)
-        if not self.should_probe(gen, piece):
+        n = gen.stats.thinking_tokens
+        if n < self.min_thinking or n < 1 or n - self._last_probe_at < self.min_gap:
             return None
+        kind = self._kinds.get(token)
+        if kind is None:
+            kind = self._kinds[token] = self._token_kind(gen, token)
+        if kind == _NEVER or (gen.parser._held and gen.would_close_thinking(token)):
+            return None
+        text = gen.thinking_text
+        if not text or text.isspace():
+            return None
+        if not text.endswith("\n\n") and (kind == _PLAIN or (kind == _WORD_INNER and not text[-1].isspace())):
+            return None
+        if self.gate > 0 and self.stream_confidence(gen) < self.gate:
+            return None
+        return self.probe_step(gen)
+
+    def probe_step(self, gen) -> Action | None:
+        """Probe now: record the trial, and return the exit action when :meth:`decide` says
+        the answer is settled (subclasses that choose their own probe points call this)."""
         res = gen.probe(self.inducer, max_tokens=self.probe_max_tokens, stop=self.answer_stop)
         self._last_probe_at = gen.thinking_tokens
         trial = {
