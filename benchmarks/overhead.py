@@ -1,8 +1,10 @@
 """Overhead of edge-reason's generation loop against a bare llama-cpp-python loop.
 
-Both decode the same prompt greedily on the same model file with the same thread count, in
-the same process, interleaved run by run (bare, edge, bare, edge, ...), EOS ignored so every
-run has exactly ``tokens`` tokens. Decode speed is (tokens - 1) / (time of the last token -
+Both decode the same prompt greedily through the same ``llama_cpp.Llama`` (the one edge's
+llama.cpp backend wraps: the same weights, KV cache and compute buffers, so the ratio measures
+the loops and not two allocations of the model), in the same process, interleaved run by run
+(bare, edge, bare, edge, ...), EOS ignored so every run has exactly ``tokens`` tokens; the KV
+cache is emptied before each run. Decode speed is (tokens - 1) / (time of the last token -
 time of the first token), the same definition on both sides, so prefill is excluded.
 
     python -m benchmarks.overhead --model M.gguf [--threads 2] [--tokens 128] [--repeats 5] [--out result.json]
@@ -22,34 +24,36 @@ from benchmarks.harness import atomic_write
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
-def bare_llama_cpp(llm, prompt_tokens: list[int], tokens: int) -> float:
-    """Decode tok/s of llama-cpp-python's own ``Llama.generate`` loop (greedy)."""
-    llm.reset()
+def bare_llama_cpp(llm, prompt_tokens: list[int], tokens: int) -> tuple[float, list[int]]:
+    """Decode tok/s of llama-cpp-python's own ``Llama.generate`` loop (greedy), and the
+    tokens it chose."""
+    llm.reset()  # Llama.eval then drops every KV cell from position 0 on
     t_first = None
-    n = 0
+    out: list[int] = []
     for tok in llm.generate(prompt_tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        n += 1
+        out.append(tok)
         now = time.perf_counter()
         if t_first is None:
             t_first = now
-        if n >= tokens:
+        if len(out) >= tokens:
             break
-    return (n - 1) / (now - t_first)
+    return (len(out) - 1) / (now - t_first), out
 
 
-def edge_runtime(rt, prompt: str, tokens: int, controllers_factory=None) -> float:
-    """Decode tok/s of edge-reason's full loop (parser on; controllers if given)."""
+def edge_runtime(rt, prompt: str, tokens: int, controllers_factory=None) -> tuple[float, list[int]]:
+    """Decode tok/s of edge-reason's full loop (parser on; controllers if given), and the
+    tokens it chose."""
     from edge.params import SamplingParams
     from edge.runtime import collect
 
-    rt.backend.rollback(0)
+    rt.backend.reset()
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=tokens, ignore_eos=True)
     controllers = controllers_factory() if controllers_factory else ()
     r = collect(rt.complete(prompt, params, controllers=controllers))
     s = r.stats
     n = s.thinking_tokens + s.answer_tokens
     assert n == tokens, (n, tokens)
-    return (n - 1) / (s.total_seconds - s.time_to_first_token)
+    return (n - 1) / (s.total_seconds - s.time_to_first_token), list(rt.backend.tokens[s.prompt_tokens :])
 
 
 def run_overhead(model: str, *, threads: int = 2, tokens: int = 128, repeats: int = 5, n_ctx: int = 2048, controllers_factory=None) -> dict:
@@ -60,16 +64,19 @@ def run_overhead(model: str, *, threads: int = 2, tokens: int = 128, repeats: in
     rt = Runtime(model, n_ctx=n_ctx, threads=threads, device="cpu")
     prompt = rt.render([{"role": "user", "content": PROMPT}])
     prompt_tokens = rt.tokenize_prompt(prompt)
-    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=0, verbose=False)
+    llm = rt.backend.llama
     try:
         bare_llama_cpp(llm, prompt_tokens, 8)  # warm-up
         edge_runtime(rt, prompt, 8, controllers_factory)
         bare, edge = [], []
+        same = True  # both loops chose the same tokens: they did the same work
         for _ in range(repeats):
-            bare.append(bare_llama_cpp(llm, prompt_tokens, tokens))
-            edge.append(edge_runtime(rt, prompt, tokens, controllers_factory))
+            speed, bare_tokens = bare_llama_cpp(llm, prompt_tokens, tokens)
+            bare.append(speed)
+            speed, edge_tokens = edge_runtime(rt, prompt, tokens, controllers_factory)
+            edge.append(speed)
+            same = same and bare_tokens == edge_tokens
     finally:
-        llm.close()
         rt.close()
     mb, me = statistics.median(bare), statistics.median(edge)
     return {
@@ -84,6 +91,8 @@ def run_overhead(model: str, *, threads: int = 2, tokens: int = 128, repeats: in
         "bare_median": mb,
         "edge_median": me,
         "ratio": me / mb,
+        "same_tokens": same,
+        "shared_context": True,
         "llama_cpp_python": llama_cpp.__version__,
     }
 

@@ -104,7 +104,7 @@ THROUGHPUT = _obj({"configs": _t("array", items=THROUGHPUT_CONFIG, minItems=1), 
 OVERHEAD = _obj({
     "runs": _t("array", minItems=1, items=_obj(
         {"threads": INT, "tokens": INT, "repeats": INT, "bare": SPREAD, "edge": SPREAD, "ratio": NUM},
-        {"prompt_tokens": INT, "energy_joules": NUM_OR_NULL},
+        {"prompt_tokens": INT, "energy_joules": NUM_OR_NULL, "same_tokens": BOOL_OR_NULL},
     )),
     "controllers": _t("array", items=STR),
 })

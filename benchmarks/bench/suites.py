@@ -343,6 +343,7 @@ def overhead(model: str, cfg: BenchConfig, threads: Sequence[int], n_ctx: int, p
             "bare": spread(res["bare_tok_s"]),
             "edge": spread(res["edge_tok_s"]),
             "ratio": round(res["ratio"], 4),
+            "same_tokens": res["same_tokens"],
             "energy_joules": energy.joules,
         }
         runs.append(run)
