@@ -22,6 +22,17 @@ from pathlib import Path
 from benchmarks.harness import atomic_write
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+OVERHEAD_CONTROLLERS = ("ThinkingBudget(max_thinking=1000000)", "EarlyExit(threshold=1.0, gate=1.0)")
+
+
+def quiet_controllers() -> list:
+    """A budget and an early-exit controller that are consulted at every token but never act:
+    the cap is a million tokens, and the stream-confidence gate of 1.0 is read at every step
+    boundary and never passed, so no probe runs."""
+    from edge.control.budget import MAX_BUDGET, ThinkingBudget
+    from edge.control.early_exit import EarlyExit
+
+    return [ThinkingBudget(max_thinking=MAX_BUDGET), EarlyExit(threshold=1.0, gate=1.0)]
 
 
 def bare_llama_cpp(llm, prompt_tokens: list[int], tokens: int) -> tuple[float, list[int]]:
@@ -103,9 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--controllers", choices=("quiet", "none"), default="quiet",
+                    help="quiet: the budget and early-exit controllers consulted at every token, never acting "
+                    "(the full loop); none: the parser only")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    res = run_overhead(a.model, threads=a.threads, tokens=a.tokens, repeats=a.repeats)
+    factory = quiet_controllers if a.controllers == "quiet" else None
+    res = run_overhead(a.model, threads=a.threads, tokens=a.tokens, repeats=a.repeats, controllers_factory=factory)
+    res["controllers"] = list(OVERHEAD_CONTROLLERS) if factory else []
     text = json.dumps(res, indent=2)
     if a.out:
         atomic_write(a.out, text)

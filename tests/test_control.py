@@ -257,3 +257,30 @@ def test_gate_reads_the_mean_probability_of_the_last_window_tokens():
     for got, want in seen:
         assert got == pytest.approx(sum(want) / len(want), abs=1e-6)
     assert [len(want) for _, want in seen] == [2, 3, 3]  # the window fills, then slides
+
+
+def test_gate_bound_decides_exactly_like_the_full_computation(monkeypatch):
+    """gate_open first rules a closed gate out with an upper bound needing no exponentials
+    over the vocabulary; its decisions must equal stream_confidence >= gate."""
+    import numpy as np
+
+    full_computations = []
+    mean_prob = EarlyExit._mean_prob
+    monkeypatch.setattr(EarlyExit, "_mean_prob", staticmethod(lambda x, t: full_computations.append(1) or mean_prob(x, t)))
+    rng = np.random.default_rng(0)
+    closed = skipped = 0
+    for trial in range(300):
+        vocab, n = int(rng.integers(1, 50)), int(rng.integers(1, 20))
+        scale = float(rng.choice([0.1, 1.0, 5.0, 30.0]))
+        rows = [(rng.standard_normal(vocab) * scale).astype(np.float32) for _ in range(n)]
+        toks = [int(np.argmax(r)) if rng.random() < 0.7 else int(rng.integers(vocab)) for r in rows]
+        ee = EarlyExit(gate=float(rng.choice([0.05, 0.3, 0.5, 0.8, 0.95, 1.0])), window=int(rng.integers(1, 20)))
+        gen = type("G", (), {"generated": toks})()
+        for i, (r, t) in enumerate(zip(rows, toks)):
+            ee._recent.append((r, t, i))
+        full = ee.stream_confidence(gen) >= ee.gate
+        full_computations.clear()
+        assert ee.gate_open(gen) == full, trial
+        closed += not full
+        skipped += not full_computations
+    assert closed > 50 and skipped > closed // 2  # most closed gates needed no exponentials

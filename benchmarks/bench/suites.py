@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 from benchmarks.bench import fingerprint
 from benchmarks.bench.schema import KIND, SCHEMA_VERSION, SUITES
+from benchmarks.overhead import OVERHEAD_CONTROLLERS, quiet_controllers
 from edge.errors import BackendError, ConfigError
 
 # Neutral prose, tokenized once and tiled to any prompt length.
@@ -40,16 +41,6 @@ FILLER = (
     "merchants weighing spices, and musicians tuning their instruments under the plane trees. "
 )
 log = logging.getLogger(__name__)
-OVERHEAD_CONTROLLERS = ("ThinkingBudget(max_thinking=1000000)", "EarlyExit(threshold=1.0, gate=1.0)")
-
-
-def quiet_controllers() -> list:
-    """A budget and an early-exit controller that are consulted at every token but never act:
-    the cap is a million tokens and no probe passes a gate and a threshold of 1.0."""
-    from edge.control.budget import MAX_BUDGET, ThinkingBudget
-    from edge.control.early_exit import EarlyExit
-
-    return [ThinkingBudget(max_thinking=MAX_BUDGET), EarlyExit(threshold=1.0, gate=1.0)]
 
 
 @dataclass(frozen=True)

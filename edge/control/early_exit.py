@@ -128,18 +128,45 @@ class EarlyExit(Controller):
         # token id -> what its text alone says about starting a step (see _token_kind)
         self._kinds: dict[int, int] = {}
 
-    def stream_confidence(self, gen) -> float:
-        """Mean probability of the last ``window`` committed thinking tokens."""
+    def _window_logits(self, gen) -> tuple[np.ndarray, np.ndarray]:
+        """The logits (one row per token, a fresh array) and tokens of the last ``window``
+        committed thinking tokens."""
         generated = gen.generated
         committed = {at: (lg, tok) for lg, tok, at in self._recent if at < len(generated) and generated[at] == tok}
         recent = [committed[at] for at in sorted(committed)][-self.window :]
         if not recent:
-            return 0.0
-        x = np.stack([lg for lg, _ in recent]).astype(np.float64)
-        toks = np.fromiter((t for _, t in recent), dtype=np.int64, count=len(recent))
+            return np.empty((0, 0)), np.empty(0, dtype=np.int64)
+        return np.stack([lg for lg, _ in recent]), np.array([t for _, t in recent], dtype=np.int64)
+
+    @staticmethod
+    def _mean_prob(x: np.ndarray, toks: np.ndarray) -> float:
+        x = x.astype(np.float64)
         m = x.max(axis=1)
         lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
         return float(np.exp(x[np.arange(len(toks)), toks] - lse).mean())
+
+    def stream_confidence(self, gen) -> float:
+        """Mean probability of the last ``window`` committed thinking tokens."""
+        x, toks = self._window_logits(gen)
+        return self._mean_prob(x, toks) if len(toks) else 0.0
+
+    def gate_open(self, gen) -> bool:
+        """``stream_confidence(gen) >= gate``, decided without exponentials over the
+        vocabulary when it is closed: a token's probability is at most
+        1 / (1 + exp(l_other - l_token)) for the largest other logit, so when the mean of
+        these bounds is below the gate, so is the confidence (only a max per row)."""
+        x, toks = self._window_logits(gen)
+        if not len(toks):
+            return False
+        rows = np.arange(len(toks))
+        chosen = x[rows, toks].copy()
+        x[rows, toks] = -np.inf
+        other = x.max(axis=1)
+        bound = sum(1.0 / (1.0 + math.exp(min(o - c, 700.0))) for o, c in zip(other.tolist(), chosen.tolist())) / len(toks)
+        if bound < self.gate - 1e-9:
+            return False
+        x[rows, toks] = chosen
+        return self._mean_prob(x, toks) >= self.gate
 
     def _token_kind(self, gen, token: int) -> int:
         """Classify a token by its text alone, once per token id: _NEVER (end of sequence,
@@ -191,7 +218,7 @@ class EarlyExit(Controller):
             return None
         if not text.endswith("\n\n") and (kind == _PLAIN or (kind == _WORD_INNER and not text[-1].isspace())):
             return None
-        if self.gate > 0 and self.stream_confidence(gen) < self.gate:
+        if self.gate > 0 and not self.gate_open(gen):
             return None
         return self.probe_step(gen)
 
