@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from benchmarks.tasks import Item, is_equiv, score
 from edge.control.budget import AdaptiveBudget, LengthPredictor, ThinkingBudget, effort_budget
-from edge.control.early_exit import DEFAULT_INDUCER, EarlyExit
+from edge.control.early_exit import EarlyExit
 from edge.errors import ConfigError
 from edge.params import SamplingParams
 from edge.runtime import collect

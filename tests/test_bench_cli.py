@@ -52,6 +52,8 @@ def test_quick_run_writes_a_valid_record(tmp_path, model):
 
     ov = rec["results"]["overhead"]["runs"]
     assert len(ov) == 1 and ov[0]["threads"] == 1 and ov[0]["tokens"] == 4 and ov[0]["ratio"] > 0
+    # both loops ran through one llama context, each from an emptied KV cache: same tokens
+    assert ov[0]["same_tokens"] is True
 
     rs = rec["results"]["reasoning"]
     assert rs["task"] == "tiny-r1" and rs["n_problems"] == 1

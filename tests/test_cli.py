@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import time
-
-import pytest
-
-from tests.conftest import REPO
 
 
 def test_help_is_fast_and_imports_nothing_heavy():

@@ -5,9 +5,8 @@ from __future__ import annotations
 import codecs
 
 import numpy as np
-import pytest
 
-from edge.generate import Generation, generate
+from edge.generate import Generation
 from edge.params import SamplingParams
 from edge.runtime import collect
 from edge.templates import ChatTemplate

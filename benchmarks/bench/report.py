@@ -156,8 +156,9 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
          "loop tokens/s with D tokens already in context; TTFT: chat prompt to first token; load: 1-minute load "
          "average / CPUs when the run began (other work on the machine)."),
         ("Overhead of edge-reason's loop vs bare llama-cpp-python", overhead_rows,
-         "Same model, same threads, interleaved runs; edge's loop runs the think parser plus a budget and an early-exit "
-         "controller that never fire. edge/bare > 1 means edge-reason is faster."),
+         "Both loops drive the same llama.cpp context (same weights, cache and threads) in back-to-back pairs; edge's loop "
+         "runs the think parser plus a budget and an early-exit controller that never fire; edge/bare is the median "
+         "of the per-pair ratios (> 1: edge-reason is faster)."),
         ("Reasoning", reasoning_rows, "Accuracy and thinking cost per policy; times are medians per problem."),
     )
     for title, fn, note in sections:

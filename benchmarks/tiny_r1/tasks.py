@@ -15,7 +15,7 @@ import json
 import random
 import re
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 

@@ -323,7 +323,6 @@ class LlamaCppBackend:
                 f"{len(self._tokens) + len(tokens)} tokens do not fit the context of {self.n_ctx}; "
                 "use a larger --ctx or a shorter prompt"
             )
-        lib = self._lib
         batch = self._batch
         for i in range(0, len(tokens), self._n_batch):
             chunk = tokens[i : i + self._n_batch]

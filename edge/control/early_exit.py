@@ -15,8 +15,9 @@ Probes cost tokens, so a cheap always-on signal decides when one is worth it (De
 arXiv 2508.15260): the mean probability of the main stream's last ``window`` thinking tokens
 must be >= ``gate`` (0 disables the gate), at least ``min_gap`` thinking tokens must separate two
 probes, and none runs before ``min_thinking`` tokens. The gate keeps references to the logits of
-those ``window`` tokens and normalizes them only when a boundary asks (one vectorized pass),
-so it adds no per-token log-softmax over the vocabulary.
+those ``window`` tokens and reads them only at a step boundary: first an upper bound on each
+token's probability from the largest other logit (a max per row), and the exact softmax only when
+that bound does not already close the gate; there is no per-token log-softmax over the vocabulary.
 
 On exit, the sampled token is replaced by the inducer followed by the probe's answer, so the
 answer is reused rather than decoded again; the model then finishes the reply itself.
@@ -63,7 +64,6 @@ def boxed_answer(text: str) -> str:
 def is_boundary(thinking_text: str, piece: str, words=DEFAULT_WORDS) -> bool:
     """True when ``piece`` (the token about to be committed) starts a new reasoning step: the
     first non-blank token of a paragraph, or a token that begins a reflection word."""
-    # (called at every thinking token: isspace stops at the first letter, strip() would copy)
     if not thinking_text or not piece or thinking_text.isspace() or piece.isspace():
         return False
     if thinking_text.endswith("\n\n"):
@@ -179,7 +179,6 @@ class EarlyExit(Controller):
         if not is_boundary("x ", piece, self.words):
             return _PLAIN
         return _WORD if is_boundary("x", piece, self.words) else _WORD_INNER
-
 
     def decide(self) -> bool:
         last = self.trials[-1]
