@@ -57,6 +57,13 @@ def test_write_report_makes_plots(tmp_path, records):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
+def test_plot_labels_name_the_model(records):
+    labels = [report.plot_entry(r) for r in records]
+    assert all(r["model"]["quant"] in label and r["device"]["label"] in label for r, label in zip(records, labels))
+    long = dict(records[0], model=dict(records[0]["model"], name="A Very Long Model Name That Goes On And On"))
+    assert "A Very Long Model Nam…" in report.plot_entry(long)
+
+
 def test_plots_skip_missing_data(tmp_path, records):
     only_throughput = [dict(r, results={"throughput": r["results"]["throughput"]}) for r in records]
     files = report.write_report(only_throughput, tmp_path)

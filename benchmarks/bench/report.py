@@ -27,6 +27,14 @@ def entry(rec: dict[str, Any]) -> str:
     return f"{rec['device']['label']} · {rec['model'].get('quant') or '?'}"
 
 
+def plot_entry(rec: dict[str, Any]) -> str:
+    """A plot's row label: device, model (shortened) and quant, since one plot may hold
+    several models of one device."""
+    name = rec["model"].get("name") or rec["model"]["file"]
+    name = name if len(name) <= 22 else name[:21] + "…"
+    return f"{rec['device']['label']} · {name} · {rec['model'].get('quant') or '?'}"
+
+
 def _gib(n: int | None) -> str | None:
     return f"{n / 2**30:.1f}" if n else None
 
@@ -189,7 +197,7 @@ def _save(fig, path: Path) -> Path:
 
 def plot_throughput(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """Prefill and decode tokens/s by device, quant and setting (bars: median; whiskers: min–max)."""
-    rows = [(f"{entry(r)} · {c['threads']}t" + _gpu_label(c["gpu_layers"]), c) for r in records for c in _configs(r)]
+    rows = [(f"{plot_entry(r)} · {c['threads']}t" + _gpu_label(c["gpu_layers"]), c) for r in records for c in _configs(r)]
     if not rows:
         return None
     plt = _plt()
@@ -209,7 +217,10 @@ def plot_throughput(records: Sequence[dict[str, Any]], path: Path) -> Path | Non
                     hi.append(s["max"] - s["median"])
             ax.barh(ys, med, height=h, xerr=[lo, hi], capsize=2, label=f"{n}")
         ax.set_title(title)
-        ax.set_xlabel("tokens/s")
+        speeds = [p["tok_s"]["median"] for _, c in rows for p in c[key] if p["tok_s"]["median"] > 0]
+        if speeds and max(speeds) > 20 * min(speeds):  # a phone next to a GPU: linear bars hide the slow rows
+            ax.set_xscale("log")
+        ax.set_xlabel("tokens/s" + (" (log scale)" if ax.get_xscale() == "log" else ""))
         ax.grid(axis="x", alpha=0.3)
         ax.legend(title=sub, fontsize=8)
     axes[0].set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
@@ -223,7 +234,7 @@ def _gpu_label(layers: int) -> str:
 
 
 def _reasoning(records: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    return [(entry(r), r["results"]["reasoning"]) for r in records if r["results"].get("reasoning")]
+    return [(plot_entry(r), r["results"]["reasoning"]) for r in records if r["results"].get("reasoning")]
 
 
 def _horizontal() -> dict[str, Any]:
