@@ -87,6 +87,10 @@ def test_unknown_device(cli, smollm2):
     _assert_one_line_error(cli("run", "hi", "-m", str(smollm2), "--device", "tpu"), "unknown device")
 
 
+def test_onnx_only_device_on_a_gguf(cli, smollm2):
+    _assert_one_line_error(cli("run", "hi", "-m", str(smollm2), "--device", "xnnpack"), "unknown device 'xnnpack'; choose one of: auto, cpu, cuda, metal")
+
+
 def test_cuda_on_a_cpu_build_explains_how_to_get_one(cli, smollm2):
     _assert_one_line_error(cli("run", "hi", "-m", str(smollm2), "--device", "cuda"), "GGML_CUDA")
 

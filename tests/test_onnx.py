@@ -437,6 +437,11 @@ def test_cli_errors_are_one_line(ckpts, onnx_of, tmp_path, cli):
     (corrupt / "model.onnx").write_bytes(data[: len(data) // 3])
     _one_line_error(cli("run", "--backend", "onnx", "-m", str(corrupt), "hi"), "not a loadable ONNX model")
 
+    # the CLI knows ONNX Runtime's device names; each backend says what its own build lacks
+    model = str(onnx_of("qwen2", "int4"))
+    _one_line_error(cli("run", "-m", model, "--device", "xnnpack", "hi"), "no XnnpackExecutionProvider", "it has: ")
+    _one_line_error(cli("run", "-m", model, "--device", "tpu", "hi"), "unknown device 'tpu'", "xnnpack", "nnapi")
+
 
 def test_backend_refuses_missing_or_foreign_models(onnx_of, tmp_path):
     from edge.backends.onnx import OnnxBackend

@@ -22,11 +22,12 @@ from typing import Sequence
 import numpy as np
 
 from edge.backends.base import BackendInfo
+from edge.backends.devices import LLAMACPP_DEVICES
 from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda", "metal")
+DEVICES = LLAMACPP_DEVICES
 DEFAULT_CTX = 4096
 
 

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edge.backends.base import BackendInfo
+from edge.backends.devices import ONNX_DEVICES, ONNX_PROVIDERS
 from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
 
 log = logging.getLogger(__name__)
@@ -39,22 +40,8 @@ MANIFEST = "edge_onnx.json"
 MODEL_FILE = "model.onnx"
 DEFAULT_CTX = 4096
 
-# device name -> ONNX Runtime execution provider
-PROVIDERS: dict[str, str] = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "metal": "CoreMLExecutionProvider",  # the CLI's name for Apple GPUs
-    "xnnpack": "XnnpackExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-    "nnapi": "NnapiExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "webgpu": "WebGpuExecutionProvider",
-}
-DEVICES = ("auto", *PROVIDERS)
+PROVIDERS = ONNX_PROVIDERS  # device name -> ONNX Runtime execution provider
+DEVICES = ONNX_DEVICES
 # Accelerators ``auto`` may pick without being asked (the others need per-model tuning).
 AUTO_ORDER = ("cuda", "dml", "coreml")
 INSTALL_HINTS = {

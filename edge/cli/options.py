@@ -8,9 +8,15 @@ from typing import Any, Callable
 
 import click
 
+from edge.backends.devices import KNOWN_DEVICES
 from edge.errors import ConfigError
 
-DEVICES = ("auto", "cpu", "cuda", "metal")
+DEVICES = KNOWN_DEVICES  # the backend checks what its own build has
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
 
 
 def model_options(f: Callable) -> Callable:
@@ -19,7 +25,8 @@ def model_options(f: Callable) -> Callable:
         click.option("--backend", default="llamacpp", show_default=True, help="llamacpp | onnx | remote"),
         click.option("--ctx", "n_ctx", type=int, default=None, help="Context size in tokens (default: 4096, or the model's trained length if smaller)."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)."),
-        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | metal"),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto | cpu | cuda | metal; with an ONNX model also xnnpack | qnn | nnapi | coreml | dml | openvino | rocm | tensorrt | webgpu."),
         click.option("--gpu-layers", type=int, default=None, help="Layers to offload (-1 = all; default all when a GPU is used)."),
     ]
     for o in reversed(opts):
@@ -55,8 +62,7 @@ def pop_sampling(kw: dict[str, Any]):
 def open_runtime(kw: dict[str, Any]):
     """Build a Runtime from the model options in ``kw`` (removed from it)."""
     opts = {k: kw.pop(k) for k in MODEL_KEYS}
-    if opts["device"] not in DEVICES:
-        raise ConfigError(f"unknown device {opts['device']!r}; choose one of: {', '.join(DEVICES)}")
+    check_device(opts["device"])
     from edge.runtime import Runtime
 
     backend = opts.pop("backend")

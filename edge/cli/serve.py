@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from edge.cli.options import DEVICES, MODEL_KEYS, model_options
-from edge.errors import ConfigError
+from edge.cli.options import MODEL_KEYS, check_device, model_options
 
 
 @click.command()
@@ -31,8 +30,7 @@ def serve(chat_template_file: str | None, **kw) -> None:
 
     model_opts = {k: kw.pop(k) for k in MODEL_KEYS}
     config = ServerConfig(**kw)  # validated before the model loads
-    if model_opts["device"] not in DEVICES:
-        raise ConfigError(f"unknown device {model_opts['device']!r}; choose one of: {', '.join(DEVICES)}")
+    check_device(model_opts["device"])
     template = Path(chat_template_file).read_text(encoding="utf-8") if chat_template_file else None
 
     from edge.runtime import Runtime
