@@ -762,7 +762,7 @@ def verify_onnx(
     """Compare the ONNX folder ``onnx_dir`` with its source ``src``, as :func:`convert.verify`
     does for a GGUF: tokenizer, top-1 agreement, KL(source || onnx), max |logit diff|,
     perplexity. The ONNX side runs through :class:`edge.backends.onnx.OnnxBackend` (its
-    tokenizer, BOS rule and KV-cache code path); ``report.gguf`` holds the folder's path."""
+    tokenizer, BOS rule and KV-cache code path); ``report.converted`` holds the folder's path."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -4,7 +4,7 @@
 the same token ids and compares the next-token distributions at every position:
 
 * **top-1 agreement**: fraction of positions where both pick the same most likely token;
-* **mean KL(source || gguf)** of the next-token distributions, in nats;
+* **mean KL(source || converted)** of the next-token distributions, in nats;
 * **max |logit difference|** over all positions and tokens (reported, not thresholded: its
   scale depends on the model's logit range);
 * **perplexity** of each on a held-out text (reported);
@@ -119,7 +119,7 @@ CHAT_QUESTION = "What is 17 * 24? Explain briefly."
 class TokenizerMismatch:
     text: str
     hf_ids: list[int]
-    gguf_ids: list[int]
+    converted_ids: list[int]
     with_bos: bool
 
 
@@ -128,7 +128,7 @@ class VerifyReport:
     """Outcome of :func:`verify`. ``passed`` is true when ``failures`` is empty."""
 
     source: str
-    gguf: str
+    converted: str  # the GGUF file or ONNX folder checked
     quant: str
     thresholds: Thresholds
     n_texts: int = 0
@@ -138,7 +138,7 @@ class VerifyReport:
     max_kl: float = float("nan")
     max_abs_logit_diff: float = float("nan")
     ppl_source: float = float("nan")
-    ppl_gguf: float = float("nan")
+    ppl_converted: float = float("nan")
     tokenizer_mismatches: list[TokenizerMismatch] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -291,7 +291,7 @@ def compare_logits(report: VerifyReport, model: Any, sequences: list[list[int]],
         max_diff = max(max_diff, float(np.abs(ref - got).max()))
         n += len(ids)
         if i == len(sequences) - 1 and len(ids) > 1:
-            report.ppl_source, report.ppl_gguf = _perplexity(ref, ids), _perplexity(got, ids)
+            report.ppl_source, report.ppl_converted = _perplexity(ref, ids), _perplexity(got, ids)
 
     report.n_positions = n
     report.top1_agreement = agree / n if n else float("nan")
@@ -312,9 +312,9 @@ def check_tokenizer(report: VerifyReport, tok: Any, tokenize: Any, plain: list[s
     cases = [(t, False) for t in [*plain, *rendered]] + [(t, True) for t in plain]
     for text, with_bos in cases:
         hf = tok.encode(text, add_special_tokens=with_bos)
-        gg = tokenize(text, with_bos)
-        if hf != gg:
-            report.tokenizer_mismatches.append(TokenizerMismatch(text, hf, gg, with_bos))
+        ours = tokenize(text, with_bos)
+        if hf != ours:
+            report.tokenizer_mismatches.append(TokenizerMismatch(text, hf, ours, with_bos))
     if report.tokenizer_mismatches:
         first = report.tokenizer_mismatches[0]
         report.failures.append(

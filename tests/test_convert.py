@@ -170,7 +170,7 @@ def test_f32_logits_match_transformers(arch, report_of):
     assert r.top1_agreement == 1.0
     assert r.max_abs_logit_diff < 1e-3
     assert r.mean_kl < 1e-8
-    assert r.ppl_gguf == pytest.approx(r.ppl_source, rel=1e-4)
+    assert r.ppl_converted == pytest.approx(r.ppl_source, rel=1e-4)
 
 
 @pytest.mark.parametrize(("arch", "quant"), [("qwen2", "f16"), ("llama", "bf16")])
@@ -312,6 +312,7 @@ def test_cli_convert_and_verify_json(ckpts, tmp_path, capsys):
     assert code == 0, err
     report = json.loads(stdout)
     assert report["passed"] and report["quant"] == "f16" and report["tokenizer_mismatches"] == []
+    assert report["converted"] == str(out) and report["ppl_converted"] == pytest.approx(report["ppl_source"], rel=1e-2)
 
 
 def test_cli_missing_config(tmp_path, capsys):

@@ -104,13 +104,13 @@ def _report(report, *, as_json: bool) -> None:
             ("max KL (nats)", f"{report.max_kl:.3g}", ""),
             ("max |logit diff|", f"{report.max_abs_logit_diff:.3g}", ""),
             ("perplexity source", f"{report.ppl_source:.3f}", ""),
-            ("perplexity gguf", f"{report.ppl_gguf:.3f}", ""),
+            ("perplexity " + ("onnx" if report.quant.startswith("onnx") else "gguf"), f"{report.ppl_converted:.3f}", ""),
         ]
         for name, value, threshold in rows:
             click.echo(f"{name:<20} {value:<24} {threshold}")
         click.echo(f"{'result':<20} {'PASS' if report.passed else 'FAIL'}")
     if not report.passed:
-        raise VerificationError(f"{report.gguf} failed verification: {'; '.join(report.failures)}")
+        raise VerificationError(f"{report.converted} failed verification: {'; '.join(report.failures)}")
 
 
 @convert.command("onnx")
