@@ -391,7 +391,8 @@ def generate(
         if cancel is not None and cancel.is_set():
             finish = "cancelled"
             break
-        if stats.thinking_tokens + stats.answer_tokens >= max_tokens or backend.n_past >= n_ctx:
+        # (history mirrors the backend's cache between steps: len(history) is its n_past)
+        if stats.thinking_tokens + stats.answer_tokens >= max_tokens or len(history) >= n_ctx:
             finish = "length"
             break
         sampled: Sampled = sample(gen.logits, history, want_logprob)

@@ -55,6 +55,9 @@ def effort_budget(level: str, table: dict[str, int | None] | None = None) -> int
     return table[level]
 
 
+_UNSET = object()
+
+
 @dataclass
 class ThinkingBudget(Controller):
     max_thinking: int | None = None
@@ -85,6 +88,7 @@ class ThinkingBudget(Controller):
         self.forced = False
         self._answer_start = None
         self._step_end = 0  # thinking tokens at the last paragraph break
+        self._budget: int | None | object = _UNSET  # budget_for(gen), asked once per run
 
     def on_commit(self, gen, piece: str) -> Action | None:
         if gen.thinking and gen.thinking_text.endswith("\n\n"):
@@ -98,6 +102,8 @@ class ThinkingBudget(Controller):
         return thinking or self.answer_budget is not None
 
     def budget_for(self, gen) -> int | None:
+        """The cap on thinking tokens for this run (None: no cap). Asked once per run, at the
+        first thinking token, after :meth:`start`."""
         return self.max_thinking
 
     def _end_text(self, gen) -> str:
@@ -113,7 +119,9 @@ class ThinkingBudget(Controller):
             if self.answer_budget is not None and gen.answer_tokens - self._answer_start >= self.answer_budget and not eos:
                 return Action("answer_budget_exhausted", stop=True, exit_reason="length", detail={"answer_tokens": gen.answer_tokens})
             return None
-        n, budget = gen.stats.thinking_tokens, self.budget_for(gen)
+        n, budget = gen.stats.thinking_tokens, self._budget
+        if budget is _UNSET:
+            budget = self._budget = self.budget_for(gen)
         if not eos and n >= self.min_thinking and (budget is None or n < budget):
             return None  # the common case, decided without looking at the token's text
         closing = eos or gen.would_close_thinking(sampled.token)
