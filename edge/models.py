@@ -16,6 +16,11 @@ from edge.errors import ModelNotFoundError
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL_FILE = "tiny-r1-q8_0.gguf"
+# what the bundled model can do: it knows its training task and nothing else
+DEFAULT_MODEL_HINT = (
+    "tiny-r1 is a 1.65M-parameter demo model that only knows chained arithmetic, e.g. "
+    "'a = 12. b = a + 7. c = b - 5. What is c?'; pass --model for a real one"
+)
 HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<file>[^:]+\.(gguf|onnx))$")
 
 

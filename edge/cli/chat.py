@@ -47,9 +47,14 @@ def chat(system: str | None, hide_thinking: bool, no_think: bool, **kw) -> None:
     controllers = build_controllers(pop_control(kw))  # validated before the model loads
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     last = None
+    bundled = kw.get("model") is None
     with open_runtime(kw) as rt:
         name = rt.backend.info.extra.get("model_name") or rt.backend.info.model_path
         click.echo(f"edge-reason chat - {name} on {rt.backend.info.device}. /help for commands, Ctrl-D to exit.", err=True)
+        if bundled:
+            from edge.models import DEFAULT_MODEL_HINT
+
+            click.echo(f"({DEFAULT_MODEL_HINT})", err=True)
         while True:
             try:
                 line = _read(">>> ")
