@@ -124,3 +124,12 @@ def test_quick_config_and_spread():
 
 def test_fixture_record_roundtrip():
     assert json.loads(RECORD.read_text())["schema_version"] == schema.SCHEMA_VERSION
+
+
+def test_loop_cost_replays_a_real_run():
+    from benchmarks.loop_cost import run_loop_cost
+
+    res = run_loop_cost(None, tokens=16, repeats=3)  # the bundled tiny-r1
+    assert res["model"] == "tiny-r1" and res["tokens"] == 16
+    for key in ("parser_only", "full_loop"):
+        assert 0 < res[key]["us_per_token_min"] <= res[key]["us_per_token_median"]
