@@ -164,3 +164,29 @@ def test_thinking_opened_by_prompt_is_parsed(smollm2_runtime):
     r = collect(smollm2_runtime.complete(prompt, SamplingParams(temperature=0, max_tokens=12)))
     assert r.stats.thinking_tokens == 12 and r.reasoning and r.answer == ""
     assert r.stats.finish_reason == "length"
+
+
+def test_single_token_path_equals_the_batch_path_and_reset_empties_the_cache(smollm2_backend):
+    """eval([t]) takes a short path of its own (logits address read through a re-declared C
+    function); it must give what evaluating the same tokens as a batch gives, and the public
+    binding's address must be the one it reads."""
+    import llama_cpp
+
+    from edge.backends.llamacpp import _logits_address_function
+
+    b = smollm2_backend
+    ids = b.tokenize("The capital of France is Paris, and", add_bos=True)
+    b.rollback(0)
+    batch = b.eval(ids)
+    b.rollback(0)
+    b.eval(ids[:-1])
+    one = b.eval(ids[-1:])
+    np.testing.assert_allclose(one, batch, rtol=0, atol=1e-3)  # one row more or less in a batch moves float sums
+    assert int(np.argmax(one)) == int(np.argmax(batch))
+
+    public = type("Binding", (), {"llama_get_logits_ith": staticmethod(llama_cpp.llama_get_logits_ith)})
+    assert _logits_address_function(public)(b._ctx, -1) == _logits_address_function(llama_cpp)(b._ctx, -1) != 0
+
+    b.reset()
+    assert b.n_past == 0 and b.tokens == ()
+    np.testing.assert_allclose(b.eval(ids), batch, rtol=0, atol=1e-3)

@@ -139,6 +139,17 @@ def resolve_device(device: str, gpu_layers: int | None) -> tuple[str, int]:
     return device, -1 if gpu_layers is None else gpu_layers
 
 
+def _logits_address_function(llama_cpp):
+    """``f(ctx, i) -> int | None``: the address of the i-th logits row. The same C function as
+    ``llama_get_logits_ith``, declared to return the address as an int (no ctypes pointer object
+    and cast per token); through the public binding on builds that do not expose the library."""
+    lib = getattr(getattr(llama_cpp, "llama_cpp", None), "_lib", None)
+    fn = getattr(lib, "llama_get_logits_ith", None)
+    if fn is not None:
+        return ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(ctypes.cast(fn, ctypes.c_void_p).value)
+    return lambda ctx, i: ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, i), ctypes.c_void_p).value
+
+
 class LlamaCppBackend:
     """One llama.cpp model + context holding one sequence."""
 
@@ -197,11 +208,7 @@ class LlamaCppBackend:
         for j in range(self._n_batch):
             self._batch.n_seq_id[j] = 1
             self._batch.seq_id[j][0] = 0
-        # the same C function as llama_get_logits_ith, declared to return the address as an
-        # int: no ctypes pointer object and cast per token
-        self._logits_addr_of = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
-            ctypes.cast(llama_cpp.llama_cpp._lib.llama_get_logits_ith, ctypes.c_void_p).value
-        )
+        self._logits_addr_of = _logits_address_function(llama_cpp)
         self._n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
         self._tokens: list[int] = []
         self._pieces: dict[int, bytes] = {}
