@@ -96,7 +96,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from convert.hf import Checkpoint, resolve_source
-from convert.verify import DEFAULT_HELDOUT, DEFAULT_PROMPTS, CHAT_QUESTION, Thresholds, VerifyReport
+from convert.verify import Thresholds, VerifyReport
 from edge.errors import ConfigError, ConversionError, InvalidModelError, ModelNotFoundError, OutputExistsError
 
 logger = logging.getLogger(__name__)
@@ -763,10 +763,7 @@ def verify_onnx(
     does for a GGUF: tokenizer, top-1 agreement, KL(source || onnx), max |logit diff|,
     perplexity. The ONNX side runs through :class:`edge.backends.onnx.OnnxBackend` (its
     tokenizer, BOS rule and KV-cache code path); ``report.converted`` holds the folder's path."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from convert.verify import check_tokenizer, compare_logits
+    from convert.verify import check_tokenizer, compare_logits, load_reference
     from edge.backends.onnx import OnnxBackend
 
     path = Path(onnx_dir).expanduser()
@@ -776,21 +773,8 @@ def verify_onnx(
     if thresholds is None:
         thresholds = onnx_thresholds(path)
     report = VerifyReport(str(src), str(path), f"onnx-{weights}", thresholds)
-    folder = resolve_source(src, revision=revision)
-    if not (folder / "config.json").is_file():
-        raise ConversionError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    plain = [*(prompts if prompts is not None else DEFAULT_PROMPTS), heldout if heldout is not None else DEFAULT_HELDOUT]
-    rendered = []
-    if chat and getattr(tok, "chat_template", None):
-        rendered.append(tok.apply_chat_template([{"role": "user", "content": CHAT_QUESTION}], tokenize=False, add_generation_prompt=True))
-    sequences = [tok.encode(t)[:max_tokens] for t in plain[:-1]]
-    sequences += [tok.encode(t, add_special_tokens=False)[:max_tokens] for t in rendered]
-    sequences.append(tok.encode(plain[-1])[:max_tokens])
-    report.n_texts = len(sequences)
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ref = load_reference(report, src, revision=revision, prompts=prompts, heldout=heldout, chat=chat, max_tokens=max_tokens)
+    tok, model, plain, rendered, sequences = ref.tok, ref.model, ref.plain, ref.rendered, ref.sequences
     with contextlib.closing(OnnxBackend(path, n_ctx=max(len(s) for s in sequences) + 8, threads=n_threads, device="cpu")) as backend:
         check_tokenizer(report, tok, lambda text, bos: backend.tokenize(text, add_bos=bos and backend.add_bos, special=True), plain, rendered)
 

@@ -225,33 +225,15 @@ def verify(
 
         return verify_onnx(src, gguf_path, prompts=prompts, heldout=heldout, chat=chat, thresholds=thresholds,
                            max_tokens=max_tokens, n_threads=n_threads, revision=revision)
-    import torch
     from llama_cpp import Llama
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(gguf_path).expanduser()
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: no such GGUF file")
     quant = gguf_quant_type(path)
     report = VerifyReport(str(src), str(path), quant, thresholds or THRESHOLDS[quant])
-    folder = resolve_source(src, revision=revision)
-    if not (folder / "config.json").is_file():
-        raise ConversionError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    plain = [*(prompts if prompts is not None else DEFAULT_PROMPTS), heldout if heldout is not None else DEFAULT_HELDOUT]
-    rendered = []
-    if chat and getattr(tok, "chat_template", None):
-        rendered.append(
-            tok.apply_chat_template([{"role": "user", "content": CHAT_QUESTION}], tokenize=False, add_generation_prompt=True)
-        )
-    # The held-out text goes last; the chat prompt already contains its BOS.
-    sequences = [tok.encode(t)[:max_tokens] for t in plain[:-1]]
-    sequences += [tok.encode(t, add_special_tokens=False)[:max_tokens] for t in rendered]
-    sequences.append(tok.encode(plain[-1])[:max_tokens])
-    report.n_texts = len(sequences)
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ref = load_reference(report, src, revision=revision, prompts=prompts, heldout=heldout, chat=chat, max_tokens=max_tokens)
+    tok, model, plain, rendered, sequences = ref.tok, ref.model, ref.plain, ref.rendered, ref.sequences
     n_ctx = max(len(s) for s in sequences) + 8
     with _without_weight_repacking(), contextlib.closing(
         # F32 KV cache: measure the conversion, not llama.cpp's default F16 cache rounding.
@@ -267,6 +249,45 @@ def verify(
 
         compare_logits(report, model, sequences, gguf_logits, "gguf")
     return report
+
+
+@dataclass
+class Reference:
+    """The source side of a verification: its tokenizer and float32 model, the texts (plain
+    ones, the held-out text last; chat-rendered ones) and their token sequences."""
+
+    tok: Any
+    model: Any
+    plain: list[str]
+    rendered: list[str]
+    sequences: list[list[int]]
+
+
+def load_reference(report: VerifyReport, src: str | Path, *, revision: str | None, prompts, heldout: str | None,
+                   chat: bool, max_tokens: int) -> Reference:
+    """Resolve ``src``, load its tokenizer and model (float32) and tokenize the verification
+    texts, each cut to ``max_tokens``; sets ``report.n_texts``. Shared by the GGUF and ONNX
+    verifications."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_source(src, revision=revision)
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
+    tok = AutoTokenizer.from_pretrained(folder)
+    plain = [*(prompts if prompts is not None else DEFAULT_PROMPTS), heldout if heldout is not None else DEFAULT_HELDOUT]
+    rendered = []
+    if chat and getattr(tok, "chat_template", None):
+        rendered.append(
+            tok.apply_chat_template([{"role": "user", "content": CHAT_QUESTION}], tokenize=False, add_generation_prompt=True)
+        )
+    # The held-out text goes last; the chat prompt already contains its BOS.
+    sequences = [tok.encode(t)[:max_tokens] for t in plain[:-1]]
+    sequences += [tok.encode(t, add_special_tokens=False)[:max_tokens] for t in rendered]
+    sequences.append(tok.encode(plain[-1])[:max_tokens])
+    report.n_texts = len(sequences)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return Reference(tok, model, plain, rendered, sequences)
 
 
 def compare_logits(report: VerifyReport, model: Any, sequences: list[list[int]], target: Any, label: str) -> VerifyReport:
