@@ -158,6 +158,29 @@ def test_adaptive_budget_scales_with_prompt_length():
     assert r.stats.thinking_tokens == 2 and controls(events, "adaptive_budget")[0].detail["budget"] == 2
 
 
+def test_length_predictor_fits_exactly_and_matches_numpy_on_noisy_data():
+    import numpy as np
+
+    # exact lines give exact budgets, whatever the float library does with them
+    assert LengthPredictor.fit([3, 6, 9, 12], [1, 2, 3, 4], quantile=0.5)(30) == 10
+    assert LengthPredictor.fit([10, 20, 30, 40], [20, 40, 60, 80], quantile=0.9)(7) == 14
+    assert LengthPredictor(intercept=0.0, slope=2.0000000000000004)(25) == 50
+    assert LengthPredictor(intercept=0.0, slope=2.01)(25) == 51  # a real excess still rounds up
+    rng = np.random.default_rng(3)
+    x = rng.integers(5, 400, 60)
+    y = (3 * x + rng.integers(-40, 40, 60)).clip(0)
+    for q in (0.5, 0.9):
+        p = LengthPredictor.fit(x.tolist(), y.tolist(), quantile=q)
+        slope, icpt = np.polyfit(x.astype(float), y.astype(float), 1)
+        resid = y - (icpt + slope * x)
+        assert p.slope == pytest.approx(slope, rel=1e-9)
+        assert p.intercept == pytest.approx(icpt + np.quantile(resid, q), rel=1e-9, abs=1e-9)
+    same = LengthPredictor.fit([7, 7, 7], [10, 20, 30], quantile=0.5)  # one prompt length: the quantile
+    assert (same.slope, same.intercept) == (0.0, 20.0)
+    with pytest.raises(ConfigError):
+        LengthPredictor.fit([], [])
+
+
 def test_controllers_are_deterministic_under_a_seed():
     p = SamplingParams(temperature=1.0, seed=7, max_tokens=200)
     a, _ = run(backend(trial=confident_after(5)), [ThinkingBudget(max_thinking=8), EarlyExit(inducer=INDUCER)], p)

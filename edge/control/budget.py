@@ -166,21 +166,36 @@ class LengthPredictor:
     high: int = MAX_BUDGET
 
     def __call__(self, prompt_tokens: int) -> int:
-        return int(min(self.high, max(self.low, math.ceil(self.intercept + self.slope * prompt_tokens))))
+        v = self.intercept + self.slope * prompt_tokens
+        # A budget is a whole number of tokens: round up, but a value within float rounding of an
+        # integer is that integer (a fitted 2.0000000000000004 * 25 means 50, not 51).
+        return int(min(self.high, max(self.low, math.ceil(v - 1e-9 * max(1.0, abs(v))))))
 
     @classmethod
     def fit(cls, prompt_tokens: Sequence[int], thinking_tokens: Sequence[int], *, quantile: float = 0.9, margin: float = 0.0) -> "LengthPredictor":
         """Fit the line so that ``quantile`` of the calibration problems fit their budget:
-        slope by least squares, intercept shifted to the quantile of the residuals."""
-        import numpy as np
+        slope by least squares, intercept shifted to the quantile of the residuals (linear
+        interpolation, as ``numpy.quantile``). Token counts are integers, so the fit is computed
+        in exact rational arithmetic: an exact line gives exact budgets on every machine."""
+        from fractions import Fraction
 
-        x = np.asarray(prompt_tokens, dtype=float)
-        y = np.asarray(thinking_tokens, dtype=float)
-        if len(x) < 2 or np.ptp(x) == 0:
-            return cls(float(np.quantile(y, quantile)) + margin, 0.0)
-        slope, icpt = np.polyfit(x, y, 1)
-        resid = y - (icpt + slope * x)
-        return cls(float(icpt + np.quantile(resid, quantile) + margin), float(slope))
+        if len(prompt_tokens) != len(thinking_tokens) or not thinking_tokens:
+            raise ConfigError("the length predictor needs one thinking-token count per prompt, and at least one")
+        if not 0 <= quantile <= 1:
+            raise ConfigError(f"quantile must be in [0, 1], got {quantile}")
+        x = [Fraction(v) for v in prompt_tokens]
+        y = [Fraction(v) for v in thinking_tokens]
+        n = len(x)
+        sx, sy = sum(x), sum(y)
+        sxx = sum(v * v for v in x)
+        den = n * sxx - sx * sx
+        slope = (n * sum(a * b for a, b in zip(x, y)) - sx * sy) / den if den else Fraction(0)
+        icpt = (sy - slope * sx) / n
+        resid = sorted(b - (icpt + slope * a) for a, b in zip(x, y))
+        h = (n - 1) * Fraction(str(quantile))
+        lo = int(h)
+        q = resid[lo] + (h - lo) * (resid[min(lo + 1, n - 1)] - resid[lo])
+        return cls(float(icpt + q) + margin, float(slope))
 
     def to_dict(self) -> dict:
         return {"intercept": self.intercept, "slope": self.slope, "low": self.low, "high": self.high}
