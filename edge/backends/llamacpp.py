@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from edge.backends.base import BackendInfo
+from edge.backends.cpu import default_threads
 from edge.backends.devices import LLAMACPP_DEVICES
 from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
 
@@ -175,6 +176,11 @@ class LlamaCppBackend:
             trained = n_ctx_train(path)
             n_ctx = min(DEFAULT_CTX, trained) if trained > 0 else DEFAULT_CTX
         used_device, layers = resolve_device(device, gpu_layers)
+        # default: one thread per performance core to decode, every physical core for batches
+        # (llama-cpp-python's own default, cpu_count() // 2, idles half of a 1-thread-per-core machine)
+        auto = default_threads()
+        n_threads = threads if threads is not None else auto.decode
+        n_threads_batch = threads if threads is not None else auto.batch
         llama_cpp = _llama_cpp()
         self._lib = llama_cpp
         try:
@@ -182,8 +188,8 @@ class LlamaCppBackend:
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_batch=min(n_batch, n_ctx),
-                n_threads=threads,
-                n_threads_batch=threads,  # as llama.cpp: batch threads default to --threads
+                n_threads=n_threads,
+                n_threads_batch=n_threads_batch,  # as llama.cpp: --threads sets both
                 n_gpu_layers=layers,
                 seed=seed,
                 flash_attn=flash_attn,
@@ -233,6 +239,7 @@ class LlamaCppBackend:
                 "model_name": meta.get("general.name"),
                 "n_layers": n_layers,
                 "threads_batch": int(self._llm.context_params.n_threads_batch),
+                "threads_source": "--threads" if threads is not None else auto.source,
             },
         )
 

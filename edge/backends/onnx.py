@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edge.backends.base import BackendInfo
+from edge.backends.cpu import default_threads
 from edge.backends.devices import ONNX_DEVICES, ONNX_PROVIDERS
 from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
 
@@ -230,8 +231,9 @@ class OnnxBackend:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.inter_op_num_threads = 1
-        if threads is not None:
-            opts.intra_op_num_threads = threads
+        auto = default_threads()
+        intra = threads if threads is not None else auto.decode  # one thread per performance core
+        opts.intra_op_num_threads = intra
         # Idle worker threads sleep instead of spinning between tokens (battery, shared cores).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
@@ -261,11 +263,12 @@ class OnnxBackend:
             device=used_device,
             model_path=str(model_file),
             n_ctx=self._n_ctx,
-            threads=threads,
+            threads=intra,
             gpu_layers=0,
             offload_supported=bool(n_accel),
             extra={
                 "onnxruntime": ort.__version__,
+                "threads_source": "--threads" if threads is not None else auto.source,
                 "providers": active,
                 "weights": self._manifest.get("weights", "unknown"),
                 "architecture": self._manifest.get("architecture") or (self._config.get("architectures") or [None])[0],

@@ -17,12 +17,20 @@ def check_device(device: str) -> None:
         raise ConfigError(f"unknown device {device!r}; choose one of: {', '.join(KNOWN_DEVICES)}")
 
 
+def _threads_help() -> str:
+    from edge.backends.cpu import default_threads
+
+    auto = default_threads()
+    return (f"CPU threads for decoding and batches (default here: {auto.decode} to decode, one per performance core "
+            f"({auto.source}), {auto.batch} for batches).")
+
+
 def model_options(f: Callable) -> Callable:
     opts = [
         click.option("-m", "--model", default=None, help="GGUF path, ONNX folder, or owner/repo:file.gguf (default: the bundled tiny-r1)."),
         click.option("--backend", default="llamacpp", show_default=True, help="llamacpp | onnx | remote"),
         click.option("--ctx", "n_ctx", type=int, default=None, help="Context size in tokens (default: 4096, or the model's trained length if smaller)."),
-        click.option("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)."),
+        click.option("--threads", type=int, default=None, help=_threads_help()),
         click.option("--device", default="auto", show_default=True,
                      help="auto | cpu | cuda | metal; with an ONNX model also xnnpack | qnn | nnapi | coreml | dml | openvino | rocm | tensorrt | webgpu."),
         click.option("--gpu-layers", type=int, default=None, help="Layers to offload (-1 = all; default all when a GPU is used)."),
