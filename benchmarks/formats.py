@@ -5,7 +5,7 @@ for each file, in a fresh subprocess (so peak RSS is that file's alone): test-sp
 mean thinking tokens (greedy, unlimited thinking), decode tokens/s (EOS ignored), peak RSS and
 file size. One run, same machine, same threads.
 
-    python -m benchmarks.formats [--src benchmarks/tiny_r1/checkpoint] [--limit 80] [--out benchmarks/results/formats.json]
+    python -m edge.benchmarks.formats [--src benchmarks/tiny_r1/checkpoint] [--limit 80] [--out benchmarks/results/formats.json]
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import atomic_write
+from edge.benchmarks.harness import atomic_write
 
 HERE = Path(__file__).resolve().parent
 FORMATS = [("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int4")]
 
 MEASURE = r"""
 import json, resource, sys, time
-from benchmarks.tasks import load_task, score
+from edge.benchmarks.tasks import load_task, score
 from edge.params import SamplingParams
 from edge.runtime import Runtime, collect
 path, backend, limit, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "formats.json")
     a = ap.parse_args(argv)
-    from convert import to_gguf
-    from convert.onnx import to_onnx
+    from edge.convert import to_gguf
+    from edge.convert.onnx import to_onnx
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from benchmarks.tasks import Item, is_equiv, score
+from edge.benchmarks.tasks import Item, is_equiv, score
 from edge.control.budget import AdaptiveBudget, LengthPredictor, ThinkingBudget, effort_budget
 from edge.control.early_exit import EarlyExit
 from edge.errors import ConfigError

@@ -7,7 +7,7 @@ loop's own time per token, in microseconds: the part of the overhead ratio
 (:mod:`benchmarks.overhead`) that edge-reason's code can change, measured without the model's
 run-to-run noise. At tiny-r1's ~200 us per token, 1 us per token is 0.5% of decode speed.
 
-    python -m benchmarks.loop_cost [--model M.gguf] [--tokens 256] [--repeats 200] [--out result.json]
+    python -m edge.benchmarks.loop_cost [--model M.gguf] [--tokens 256] [--repeats 200] [--out result.json]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.harness import atomic_write
-from benchmarks.overhead import OVERHEAD_CONTROLLERS, PROMPT, quiet_controllers
+from edge.benchmarks.harness import atomic_write
+from edge.benchmarks.overhead import OVERHEAD_CONTROLLERS, PROMPT, quiet_controllers
 
 
 class ReplayBackend:

@@ -8,7 +8,7 @@ whose order alternates (bare-edge, edge-bare, ...), EOS ignored so every run has
 of the last token - time of the first token), the same definition on both sides, so prefill is
 excluded. The ratio edge/bare is the median of the per-pair ratios.
 
-    python -m benchmarks.overhead --model M.gguf [--threads 2] [--tokens 128] [--repeats 5] [--out result.json]
+    python -m edge.benchmarks.overhead --model M.gguf [--threads 2] [--tokens 128] [--repeats 5] [--out result.json]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import atomic_write
+from edge.benchmarks.harness import atomic_write
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 OVERHEAD_CONTROLLERS = ("ThinkingBudget(max_thinking=1000000)", "EarlyExit(threshold=1.0, gate=1.0)")

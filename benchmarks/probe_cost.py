@@ -6,7 +6,7 @@ evaluated tokens counted, next to the time a re-prefill of the same prompt would
 probe's token count stays constant and its time stays flat as the prompt grows; a probe that
 re-prefilled would grow with the prompt.
 
-    python -m benchmarks.probe_cost --model M.gguf [--lengths 64,256,1024] [--out probe.json]
+    python -m edge.benchmarks.probe_cost --model M.gguf [--lengths 64,256,1024] [--out probe.json]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.harness import atomic_write
+from edge.benchmarks.harness import atomic_write
 
 from edge.control.early_exit import DEFAULT_INDUCER
 from edge.events import Stats

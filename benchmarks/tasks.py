@@ -1,34 +1,39 @@
 """Evaluation tasks: loading problems, extracting answers, and checking them.
 
-Every task yields :class:`Item` s with a prompt, a gold answer and a difficulty level:
+Every task yields :class:`Item` s with a prompt, a gold answer and a difficulty level. The data
+ships inside the package (``edge/benchmarks/data``, read through ``importlib.resources``, so an
+installed wheel needs no other folder and no environment variable):
 
 - ``tiny-r1``: the held-out test split of the project's miniature reasoning model
-  (``benchmarks/tiny_r1/data/test.jsonl``; ``tiny-r1-val`` is the validation split;
-  ``tiny-r1-stress`` holds levels 9-12, longer chains than any training problem);
-- ``gsm8k``, ``math500``, ``aime24``, ``amc23``: public sets read from the shared data folder
-  (``EDGE_DATA_DIR`` or ``../shared/data`` next to the repository).
+  (``tiny-r1-test.jsonl``; ``tiny-r1-val`` is the validation split; ``tiny-r1-stress`` holds
+  levels 9-12, longer chains than any training problem);
+- ``gsm8k``, ``math500``, ``aime24``, ``amc23``: public sets (sources and licences in
+  ``data/README.md``).
 
-Answers are extracted from the last ``\\boxed{...}`` (else the last number) and compared with
+A task is a :class:`TaskSpec`: the file, which fields hold the question, the answer, the id and
+the level, the text appended to each question and the scorer. Point any task at your own JSONL
+with ``TaskSpec.with_file`` (``edge-reason eval --tasks NAME --data FILE``), or describe a new
+one with ``custom_task`` (``--data FILE --question-field F --answer-field F --scorer S``).
+
+Scorers: ``math`` takes the last ``\\boxed{...}`` (else the last number) and compares it with
 math equivalence: LaTeX normalisation (``\\dfrac``/``\\frac``, ``\\left``/``\\right``, spaces,
-degrees, dollars, text units, ``x =`` prefixes) and numeric comparison of numbers, fractions
-and percentages.
+degrees, dollars, text units, ``x =`` prefixes) and numeric comparison of numbers, fractions and
+percentages; ``exact`` compares the whole answer text (stripped, case-folded) with the gold.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from importlib import resources
 from pathlib import Path
 
 from edge.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_DIR = Path(__file__).resolve().parent / "tiny_r1" / "data"
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-TASKS = ("tiny-r1", "tiny-r1-val", "tiny-r1-stress", "gsm8k", "math500", "aime24", "amc23")
+SCORERS = ("math", "exact")
 
 
 @dataclass(frozen=True)
@@ -38,45 +43,135 @@ class Item:
     gold: str
     level: int | str = ""
     meta: dict = field(default_factory=dict, compare=False)
+    scorer: str = "math"
 
 
-def data_dir() -> Path:
-    env = os.environ.get("EDGE_DATA_DIR")
-    if env:
-        return Path(env)
-    for cand in (REPO.parent / "shared" / "data", REPO / "shared" / "data"):
-        if cand.exists():
-            return cand
-    raise ConfigError("evaluation data not found: set EDGE_DATA_DIR to the folder with gsm8k.jsonl, math500.jsonl, ...")
+@dataclass(frozen=True)
+class TaskSpec:
+    """Where a task's problems are and how to read and score them.
+
+    ``file`` is a file name inside the package's data folder or, when ``path`` is set, ignored in
+    favour of that path. Field names are tried in order; the gold answer keeps what follows the
+    last ``####`` (GSM8K's worked solutions) and drops thousands separators and ``.0``.
+    """
+
+    name: str
+    file: str = ""
+    path: Path | None = None
+    question: tuple[str, ...] = ("question", "problem", "prompt")
+    answer: tuple[str, ...] = ("answer", "gold", "target")
+    id: str = "id"
+    level: str = "level"
+    suffix: str = ""
+    scorer: str = "math"
+    validation: str | None = None  # the task whose problems fit budgets and thresholds
+
+    def with_file(self, path: str | Path) -> "TaskSpec":
+        return replace(self, path=Path(path))
+
+    def rows(self) -> list[dict]:
+        if self.path is not None:
+            if not self.path.is_file():
+                raise ConfigError(f"task data not found: {self.path}")
+            return _jsonl(self.path.read_text(encoding="utf-8"), str(self.path))
+        res = resources.files("edge.benchmarks").joinpath("data", self.file)
+        try:
+            return _jsonl(res.read_text(encoding="utf-8"), self.file)
+        except FileNotFoundError:
+            raise ConfigError(f"task data {self.file} is missing from the installed package; reinstall edge-reason") from None
+
+    def items(self) -> list[Item]:
+        out = []
+        for i, r in enumerate(self.rows()):
+            q = _field(r, self.question, "question", self, i)
+            gold = _gold(_field(r, self.answer, "answer", self, i))
+            rid = r.get(self.id, i)
+            rid = rid if isinstance(rid, str) else f"{self.name}-{rid}"  # a numeric id is named after the task
+            out.append(Item(rid, str(q) + self.suffix, gold, r.get(self.level, ""), scorer=self.scorer))
+        return out
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        raise ConfigError(f"task data not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+TASK_SPECS: dict[str, TaskSpec] = {
+    "tiny-r1": TaskSpec("tiny-r1", "tiny-r1-test.jsonl", validation="tiny-r1-val"),
+    "tiny-r1-val": TaskSpec("tiny-r1-val", "tiny-r1-val.jsonl"),
+    "tiny-r1-stress": TaskSpec("tiny-r1-stress", "tiny-r1-stress.jsonl", validation="tiny-r1-val"),
+    "gsm8k": TaskSpec("gsm8k", "gsm8k.jsonl", id="", suffix=MATH_SUFFIX),
+    "math500": TaskSpec("math500", "math500.jsonl", id="unique_id", suffix=MATH_SUFFIX),
+    "aime24": TaskSpec("aime24", "aime24.jsonl", level="", suffix=MATH_SUFFIX),
+    "amc23": TaskSpec("amc23", "amc23.jsonl", level="", suffix=MATH_SUFFIX),
+}
+TASKS = tuple(TASK_SPECS)
 
 
-def load_task(name: str, limit: int | None = None) -> list[Item]:
-    if name in ("tiny-r1", "tiny-r1-val", "tiny-r1-stress"):
-        if name in ("tiny-r1", "tiny-r1-stress"):
-            rows = _jsonl(TINY_DIR / ("test.jsonl" if name == "tiny-r1" else "stress.jsonl"))
-        else:
-            from benchmarks.tiny_r1.tasks import held_out_split
+def custom_task(name: str, path: str | Path, *, question: str | None = None, answer: str | None = None,
+                scorer: str = "math", suffix: str = "") -> TaskSpec:
+    """A task over the user's own JSONL (one object per line)."""
+    if scorer not in SCORERS:
+        raise ConfigError(f"unknown scorer {scorer!r}; choose one of: {', '.join(SCORERS)}")
+    spec = TaskSpec(name or Path(path).stem, path=Path(path), scorer=scorer, suffix=suffix)
+    if question:
+        spec = replace(spec, question=(question,))
+    if answer:
+        spec = replace(spec, answer=(answer,))
+    return spec
 
-            rows = [{"id": p.id, "level": p.level, "question": p.question, "answer": p.answer} for p in held_out_split("validation")]
-        items = [Item(r["id"], r["question"], str(r["answer"]), r["level"]) for r in rows]
-    elif name == "gsm8k":
-        rows = _jsonl(data_dir() / "gsm8k.jsonl")
-        items = [Item(f"gsm8k-{i}", r["question"] + MATH_SUFFIX, r["answer"].split("####")[-1].strip().replace(",", "")) for i, r in enumerate(rows)]
-    elif name == "math500":
-        rows = _jsonl(data_dir() / "math500.jsonl")
-        items = [Item(r.get("unique_id", f"math500-{i}"), r["problem"] + MATH_SUFFIX, str(r["answer"]), r.get("level", "")) for i, r in enumerate(rows)]
-    elif name in ("aime24", "amc23"):
-        rows = _jsonl(data_dir() / f"{name}.jsonl")
-        items = [Item(f"{name}-{r.get('id', i)}", (r.get("problem") or r.get("question")) + MATH_SUFFIX, _num(r["answer"])) for i, r in enumerate(rows)]
-    else:
-        raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+
+def task_spec(name: str, data: str | Path | None = None, **fields) -> TaskSpec:
+    """The built-in task ``name`` (optionally reading ``data`` instead of the shipped file), or a
+    custom task over ``data`` when ``name`` is not built in."""
+    if name in TASK_SPECS:
+        spec = TASK_SPECS[name]
+        if data is not None:
+            spec = spec.with_file(data)
+        over = {k: v for k, v in fields.items() if v}
+        if "question" in over:
+            over["question"] = (over["question"],)
+        if "answer" in over:
+            over["answer"] = (over["answer"],)
+        if "scorer" in over and over["scorer"] not in SCORERS:
+            raise ConfigError(f"unknown scorer {over['scorer']!r}; choose one of: {', '.join(SCORERS)}")
+        return replace(spec, **over)
+    if data is None:
+        raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)} (or pass --data FILE)")
+    return custom_task(name, data, **{k: v for k, v in fields.items() if v is not None})
+
+
+def _jsonl(text: str, where: str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{where}, line {n}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}, line {n}: expected a JSON object")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{where}: no problems in the file")
+    return rows
+
+
+def _field(row: dict, names: tuple[str, ...], what: str, spec: TaskSpec, i: int):
+    for n in names:
+        if row.get(n) is not None:
+            return row[n]
+    raise ConfigError(f"task {spec.name}: problem {i + 1} has no {what} field (looked for {', '.join(names)})")
+
+
+def _gold(x) -> str:
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    s = str(x)
+    if "####" in s:
+        s = s.split("####")[-1].strip().replace(",", "")
+    return s.strip()
+
+
+def load_task(name: str | TaskSpec, limit: int | None = None) -> list[Item]:
+    spec = name if isinstance(name, TaskSpec) else task_spec(name)
+    items = spec.items()
     if limit is not None:
         if limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {limit}")
@@ -98,12 +193,6 @@ def _spread(items: list[Item], limit: int) -> list[Item]:
                 out.append(by[lv][k])
         k += 1
     return out
-
-
-def _num(x) -> str:
-    if isinstance(x, float) and x.is_integer():
-        return str(int(x))
-    return str(x)
 
 
 # -- answer extraction -------------------------------------------------------------------------
@@ -184,5 +273,8 @@ def is_equiv(pred: str | None, gold: str) -> bool:
 
 
 def score(text: str, item: Item) -> tuple[str | None, bool]:
+    if item.scorer == "exact":
+        pred = text.strip()
+        return pred, pred.casefold() == item.gold.strip().casefold()
     pred = extract_answer(text)
     return pred, is_equiv(pred, item.gold)

@@ -2,7 +2,7 @@
 
 Library functions first; ``edge-reason convert`` is a thin adapter over them::
 
-    from convert import to_gguf, quantize, verify
+    from edge.convert import to_gguf, quantize, verify
 
     to_gguf("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "r1-1.5b-q8_0.gguf", quant="q8_0")
     report = verify("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "r1-1.5b-q8_0.gguf")
@@ -14,9 +14,9 @@ Supported architectures: Qwen2ForCausalLM (R1-Distill-Qwen) and LlamaForCausalLM
 
 from __future__ import annotations
 
-from convert.pipeline import to_gguf
-from convert.quantize import QUANT_TYPES, quantize
-from convert.verify import Thresholds, VerifyReport, verify
-from convert.onnx import to_onnx, verify_onnx
+from edge.convert.pipeline import to_gguf
+from edge.convert.quantize import QUANT_TYPES, quantize
+from edge.convert.verify import Thresholds, VerifyReport, verify
+from edge.convert.onnx import to_onnx, verify_onnx
 
 __all__ = ["QUANT_TYPES", "Thresholds", "VerifyReport", "quantize", "to_gguf", "to_onnx", "verify", "verify_onnx"]

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from convert.hf import Checkpoint, TensorInfo
+from edge.convert.hf import Checkpoint, TensorInfo
 from edge.errors import ConversionError
 
 logger = logging.getLogger(__name__)

@@ -95,8 +95,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from convert.hf import Checkpoint, resolve_source
-from convert.verify import Thresholds, VerifyReport
+from edge.convert.hf import Checkpoint, resolve_source
+from edge.convert.verify import Thresholds, VerifyReport
 from edge.errors import ConfigError, ConversionError, InvalidModelError, ModelNotFoundError, OutputExistsError
 
 logger = logging.getLogger(__name__)
@@ -763,7 +763,7 @@ def verify_onnx(
     does for a GGUF: tokenizer, top-1 agreement, KL(source || onnx), max |logit diff|,
     perplexity. The ONNX side runs through :class:`edge.backends.onnx.OnnxBackend` (its
     tokenizer, BOS rule and KV-cache code path); ``report.converted`` holds the folder's path."""
-    from convert.verify import check_tokenizer, compare_logits, load_reference
+    from edge.convert.verify import check_tokenizer, compare_logits, load_reference
     from edge.backends.onnx import OnnxBackend
 
     path = Path(onnx_dir).expanduser()

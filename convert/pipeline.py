@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from convert._files import atomic_output, check_output, temp_path
-from convert.hf import Checkpoint, resolve_source
-from convert.quantize import DIRECT_TYPES, _llama_cpp, normalize_quant, quantize_file
+from edge.convert._files import atomic_output, check_output, temp_path
+from edge.convert.hf import Checkpoint, resolve_source
+from edge.convert.quantize import DIRECT_TYPES, _llama_cpp, normalize_quant, quantize_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def to_gguf(
     """
     import gguf
 
-    from convert.gguf_writer import write_gguf
+    from edge.convert.gguf_writer import write_gguf
 
     out_path = check_output(out, force=force)
     qname = normalize_quant(quant)

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from convert._files import atomic_output, check_output
+from edge.convert._files import atomic_output, check_output
 from edge.errors import ConversionError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)

@@ -60,8 +60,8 @@ from typing import Any
 
 import numpy as np
 
-from convert.hf import resolve_source
-from convert.quantize import quant_name_of_file_type
+from edge.convert.hf import resolve_source
+from edge.convert.quantize import quant_name_of_file_type
 from edge.errors import ConversionError, InvalidModelError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def verify(
     and checked the same way by :func:`convert.onnx.verify_onnx`.
     """
     if Path(gguf_path).expanduser().is_dir():
-        from convert.onnx import verify_onnx
+        from edge.convert.onnx import verify_onnx
 
         return verify_onnx(src, gguf_path, prompts=prompts, heldout=heldout, chat=chat, thresholds=thresholds,
                            max_tokens=max_tokens, n_threads=n_threads, revision=revision)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.gguf_writer import PRE_TOKENIZERS
+from edge.convert.gguf_writer import PRE_TOKENIZERS
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import schema
-from benchmarks.bench.suites import BenchConfig, spread
+from edge.benchmarks.bench import schema
+from edge.benchmarks.bench.suites import BenchConfig, spread
 from edge.cli.main import main
 from edge.errors import ConfigError
 from edge.models import BUNDLED_DIR, DEFAULT_MODEL_FILE
@@ -127,7 +127,7 @@ def test_fixture_record_roundtrip():
 
 
 def test_loop_cost_replays_a_real_run():
-    from benchmarks.loop_cost import run_loop_cost
+    from edge.benchmarks.loop_cost import run_loop_cost
 
     res = run_loop_cost(None, tokens=16, repeats=3)  # the bundled tiny-r1
     assert res["model"] == "tiny-r1" and res["tokens"] == 16

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import fingerprint as fp
+from edge.benchmarks.bench import fingerprint as fp
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "bench"
 

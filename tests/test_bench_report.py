@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import report
+from edge.benchmarks.bench import report
 from edge.cli.main import main
 
 RECORDS = Path(__file__).resolve().parent / "fixtures" / "bench" / "records"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import schema
-from benchmarks.bench.schema import RecordError
+from edge.benchmarks.bench import schema
+from edge.benchmarks.bench.schema import RecordError
 from edge.errors import ConfigError, EdgeError, OutputExistsError
 
 RECORDS = Path(__file__).resolve().parent / "fixtures" / "bench" / "records"

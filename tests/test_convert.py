@@ -49,7 +49,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def gguf_of(ckpts, tmp_path_factory):
     """gguf_of(arch, quant) -> path of that conversion, converted on first use."""
-    from convert import to_gguf
+    from edge.convert import to_gguf
 
     out_dir = tmp_path_factory.mktemp("convert_out")
     cache: dict[tuple[str, str], Path] = {}
@@ -64,7 +64,7 @@ def gguf_of(ckpts, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def report_of(ckpts, gguf_of):
-    from convert import verify
+    from edge.convert import verify
 
     cache = {}
 
@@ -203,7 +203,7 @@ def test_q4_k_m_top1(gguf_of, report_of):
 def test_quantize_existing_gguf(ckpts, gguf_of, tmp_path):
     import gguf
 
-    from convert import quantize, verify
+    from edge.convert import quantize, verify
 
     out = quantize(gguf_of("llama", "f32"), tmp_path / "llama-q8_0.gguf", "q8_0")
     assert gguf.GGUFReader(out).get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q8_0
@@ -213,8 +213,8 @@ def test_quantize_existing_gguf(ckpts, gguf_of, tmp_path):
 
 def test_chunked_streaming_writes_identical_file(ckpts, gguf_of, tmp_path, monkeypatch):
     """Row chunks (head-aligned for the permuted Q/K) give byte-identical output."""
-    import convert.gguf_writer as writer
-    from convert import to_gguf
+    import edge.convert.gguf_writer as writer
+    from edge.convert import to_gguf
 
     monkeypatch.setattr(writer, "CHUNK_BYTES", 4096)
     out = to_gguf(ckpts["llama"], tmp_path / "chunked.gguf", quant="f32", progress=False)
@@ -231,7 +231,7 @@ def test_sharded_safetensors_and_pytorch_bin_convert_alike(ckpts, gguf_of, tmp_p
     import torch
     from transformers import AutoModelForCausalLM
 
-    from convert import to_gguf
+    from edge.convert import to_gguf
 
     src = ckpts["llama"]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -262,8 +262,8 @@ def test_sharded_safetensors_and_pytorch_bin_convert_alike(ckpts, gguf_of, tmp_p
 
 
 def test_verify_catches_swapped_layers(ckpts, tmp_path, monkeypatch, capsys):
-    import convert.gguf_writer as writer
-    from convert import to_gguf, verify
+    import edge.convert.gguf_writer as writer
+    from edge.convert import to_gguf, verify
 
     real_plan = writer.plan_tensors
 
@@ -288,8 +288,8 @@ def test_verify_catches_swapped_layers(ckpts, tmp_path, monkeypatch, capsys):
 
 
 def test_verify_catches_missing_qk_permutation(ckpts, tmp_path, monkeypatch):
-    import convert.gguf_writer as writer
-    from convert import to_gguf, verify
+    import edge.convert.gguf_writer as writer
+    from edge.convert import to_gguf, verify
 
     monkeypatch.setattr(writer, "_permute_rows", lambda n_head, head_dim: (lambda x: x))
     bad = to_gguf(ckpts["llama"], tmp_path / "unpermuted.gguf", quant="f32", progress=False)
@@ -363,12 +363,12 @@ def test_cli_unknown_pre_tokenizer(ckpts, tmp_path, capsys):
 
 
 def test_cli_output_exists_refused_without_force(ckpts, tmp_path, capsys, monkeypatch):
-    import convert.hf
+    import edge.convert.hf as convert_hf
 
     out = tmp_path / "exists.gguf"
     out.write_bytes(b"keep me")
     # Refused before any heavy work: the checkpoint is never even resolved.
-    monkeypatch.setattr(convert.hf, "resolve_source", lambda *a, **k: pytest.fail("resolved the source"))
+    monkeypatch.setattr(convert_hf, "resolve_source", lambda *a, **k: pytest.fail("resolved the source"))
     code, _, err = _run_cli(capsys, "gguf", str(ckpts["llama"]), str(out))
     _assert_one_line_error(code, err, "exists", "--force")
     assert out.read_bytes() == b"keep me"
@@ -380,7 +380,7 @@ def test_cli_output_exists_refused_without_force(ckpts, tmp_path, capsys, monkey
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_interrupted_conversion_leaves_nothing(ckpts, tmp_path, capsys, monkeypatch, quant):
-    import convert.gguf_writer as writer
+    import edge.convert.gguf_writer as writer
 
     calls = []
     real_tofile = writer._StreamedTensor.tofile
@@ -401,12 +401,12 @@ def test_interrupted_conversion_leaves_nothing(ckpts, tmp_path, capsys, monkeypa
 
 
 def test_interrupted_quantization_leaves_nothing(ckpts, tmp_path, capsys, monkeypatch):
-    import convert.pipeline
+    import edge.convert.pipeline as convert_pipeline
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert.pipeline, "quantize_file", interrupt)
+    monkeypatch.setattr(convert_pipeline, "quantize_file", interrupt)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     code, _, _ = _run_cli(capsys, "gguf", str(ckpts["qwen2"]), str(out_dir / "m.gguf"), "-q", "q4_k_m", "--no-progress")
@@ -418,7 +418,7 @@ def test_hub_id_downloads_only_needed_files(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from convert.hf import resolve_source
+    from edge.convert.hf import resolve_source
 
     online = {}
     monkeypatch.setattr(
@@ -443,7 +443,7 @@ def test_hub_id_downloads_only_needed_files(tmp_path, monkeypatch):
 def test_hub_id_uses_complete_cached_snapshot_offline(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from convert.hf import resolve_source
+    from edge.convert.hf import resolve_source
 
     for name in ("config.json", "tokenizer.json", "model.safetensors"):
         (tmp_path / name).write_text("{}")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from benchmarks import harness
-from benchmarks.tasks import Item, extract_answer, is_equiv, last_boxed, load_task, score
+from edge.benchmarks import harness
+from edge.benchmarks.tasks import Item, extract_answer, is_equiv, last_boxed, load_task, score
 from edge.errors import ConfigError
 
 
@@ -106,3 +106,57 @@ def test_outputs_are_written_whole(tmp_path):
     assert all(f.exists() and f.stat().st_size > 0 for f in files)
     assert [json.loads(l)["policy"] for l in (tmp_path / "records.jsonl").read_text().splitlines()] == ["unlimited", "budget:5"]
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_tasks_read_the_packaged_data_not_a_folder_beside_the_repository(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGE_DATA_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    val = load_task("tiny-r1-val")
+    assert len(val) == 160 and {i.level for i in val} == set(range(1, 9))
+    assert not {i.prompt for i in val} & {i.prompt for i in load_task("tiny-r1")}
+    stress = load_task("tiny-r1-stress")
+    assert {i.level for i in stress} == {9, 10, 11, 12}
+    m = load_task("math500", limit=5)
+    assert all(i.id.startswith("test/") for i in m) and len({i.level for i in m}) == 5
+
+
+def test_a_task_reads_the_users_own_jsonl(tmp_path):
+    from edge.benchmarks.tasks import task_spec
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"q": "2+2?", "a": 4.0, "id": "x1"}\n\n{"q": "3+3?", "a": "#### 6", "id": 7}\n')
+    items = load_task(task_spec("mine", f, question="q", answer="a"))
+    assert [(i.id, i.prompt, i.gold) for i in items] == [("x1", "2+2?", "4"), ("mine-7", "3+3?", "6")]
+    # a built-in task pointed at another file keeps its own reading and scoring rules
+    t = tmp_path / "tiny.jsonl"
+    t.write_text('{"id": "t0", "level": 3, "question": "a = 1. b = a + 1. What is b?", "answer": 2}\n')
+    (tiny,) = load_task(task_spec("tiny-r1", t))
+    assert (tiny.id, tiny.level, tiny.gold) == ("t0", 3, "2") and task_spec("tiny-r1", t).validation == "tiny-r1-val"
+    (g,) = load_task(task_spec("gsm8k", t))
+    assert g.prompt.endswith("\\boxed{}.")
+    exact = load_task(task_spec("names", f, question="q", answer="a", scorer="exact", suffix=" Answer:"))
+    assert exact[0].prompt == "2+2? Answer:" and score(" 4 ", exact[0]) == ("4", True) and score("4.0", exact[0])[1] is False
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"q": 1}\nnot json\n', "line 2: not JSON"),
+        ('[1, 2]\n', "line 1: expected a JSON object"),
+        ("\n\n", "no problems"),
+        ('{"question": "x"}\n', "has no answer field"),
+    ],
+)
+def test_bad_task_files_say_what_is_wrong(tmp_path, content, message):
+    from edge.benchmarks.tasks import task_spec
+
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_task(task_spec("bad", f))
+    with pytest.raises(ConfigError, match="task data not found"):
+        load_task(task_spec("gsm8k", tmp_path / "missing.jsonl"))
+    with pytest.raises(ConfigError, match="unknown scorer"):
+        task_spec("bad", f, scorer="fuzzy")
+    with pytest.raises(ConfigError, match="or pass --data"):
+        task_spec("mmlu")

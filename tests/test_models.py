@@ -112,7 +112,7 @@ def test_reference_forms(tmp_path):
 
 
 def test_an_onnx_folder_selects_the_onnx_backend(tmp_path):
-    from convert.onnx import to_onnx
+    from edge.convert.onnx import to_onnx
     from edge.params import SamplingParams
     from edge.runtime import Runtime
     from tests.conftest import REPO

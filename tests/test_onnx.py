@@ -53,7 +53,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def onnx_of(ckpts, tmp_path_factory):
     """onnx_of(arch, kind) -> the exported folder, exported on first use."""
-    from convert.onnx import to_onnx
+    from edge.convert.onnx import to_onnx
 
     out = tmp_path_factory.mktemp("onnx_out")
     cache: dict[tuple[str, str], Path] = {}
@@ -117,7 +117,7 @@ def test_fp32_logits_match_transformers(arch, ckpts, onnx_of, hf_model):
 def test_other_checkpoint_layouts_export_exactly(layout, ckpts, tmp_path, hf_model):
     import torch
 
-    from convert.onnx import to_onnx
+    from edge.convert.onnx import to_onnx
 
     src = tmp_path / "src"
     shutil.copytree(ckpts["qwen2"], src)
@@ -137,8 +137,8 @@ def test_other_checkpoint_layouts_export_exactly(layout, ckpts, tmp_path, hf_mod
 
 @pytest.mark.parametrize("kind", ["fp16", "int8", "int8-dynamic", "int4"])
 def test_quantized_exports_meet_their_thresholds(kind, ckpts, onnx_of):
-    from convert import verify
-    from convert.onnx import THRESHOLDS
+    from edge.convert import verify
+    from edge.convert.onnx import THRESHOLDS
 
     # convert.verify dispatches a folder to verify_onnx
     report = verify(ckpts["qwen2"], onnx_of("qwen2", kind), max_tokens=64, n_threads=1)
@@ -335,7 +335,7 @@ def test_device_selection(onnx_of):
 
 
 def test_external_data_and_a_folder_without_manifest(ckpts, onnx_of, tmp_path, monkeypatch):
-    import convert.onnx as conv
+    import edge.convert.onnx as conv
 
     monkeypatch.setattr(conv, "EXTERNAL_DATA_MIN_BYTES", 0)  # as for a model over ~1.5 GiB
     folder = conv.to_onnx(ckpts["qwen2"], tmp_path / "ext", weights="int4")
@@ -356,7 +356,7 @@ def test_external_data_and_a_folder_without_manifest(ckpts, onnx_of, tmp_path, m
 
 
 def test_output_is_all_or_nothing(ckpts, tmp_path, monkeypatch):
-    import convert.onnx as conv
+    import edge.convert.onnx as conv
     from edge.errors import ConfigError, OutputExistsError
 
     out = tmp_path / "model"
@@ -389,7 +389,7 @@ def test_output_is_all_or_nothing(ckpts, tmp_path, monkeypatch):
 
 
 def test_unsupported_model_features_are_refused():
-    from convert.onnx import Shape
+    from edge.convert.onnx import Shape
     from edge.errors import ConversionError
 
     base = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -502,8 +502,8 @@ def test_runtime_imports_no_torch(onnx_of):
 def test_tiny_r1_parity(tmp_path, hf_model):
     from transformers import AutoTokenizer
 
-    from benchmarks.tiny_r1.tasks import held_out_split
-    from convert.onnx import THRESHOLDS, to_onnx, verify_onnx
+    from edge.benchmarks.tiny_r1.tasks import held_out_split
+    from edge.convert.onnx import THRESHOLDS, to_onnx, verify_onnx
     from edge.errors import ConversionError
 
     src = tmp_path / "tiny-r1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.tasks import load_task, score
+from edge.benchmarks.tasks import load_task, score
 from edge.control.budget import ThinkingBudget
 from edge.control.early_exit import EarlyExit
 from edge.events import ControlEvent

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.tiny_r1 import tasks
-from benchmarks.tiny_r1.tasks import LEVELS, check_answer, extract_answer, make_problem, make_split
+from edge.benchmarks.tiny_r1 import tasks
+from edge.benchmarks.tiny_r1.tasks import LEVELS, check_answer, extract_answer, make_problem, make_split
 
 
 def test_trace_contains_every_step_and_correct_answer():
@@ -70,22 +70,22 @@ def test_splits_deterministic_and_disjoint(tmp_path):
     tr = [next(a) for _ in range(3000)]
     assert [p.question for p in tr[:50]] == [next(b).question for _ in range(50)]
     assert not ({p.question for p in tr} & held)
-    out = tasks.write_test_split(tmp_path / "test.jsonl")
-    rows = tasks.load_jsonl(out)
-    assert rows == tasks.load_jsonl(tasks.DATA_DIR / "test.jsonl")
-    assert set(rows[0]) == {"id", "level", "question", "answer"}
+    for split, file in tasks.SPLIT_FILES.items():  # the shipped splits are the seeded ones
+        rows = tasks.load_jsonl(tasks.write_split(split, tmp_path / file))
+        assert rows == tasks.load_jsonl(tasks.DATA_DIR / file)
+        assert set(rows[0]) == {"id", "level", "question", "answer"}
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     pytest.importorskip("transformers")
-    from benchmarks.tiny_r1.tokenizer import load_hf_tokenizer, save_tokenizer
+    from edge.benchmarks.tiny_r1.tokenizer import load_hf_tokenizer, save_tokenizer
 
     return load_hf_tokenizer(save_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 def test_tokenizer_and_template(tok):
-    from benchmarks.tiny_r1.tokenizer import encode_example, prompt_text
+    from edge.benchmarks.tiny_r1.tokenizer import encode_example, prompt_text
 
     p = make_problem(random.Random(3), 4)
     pt = prompt_text(tok, p.question)
@@ -104,7 +104,7 @@ def test_tokenizer_and_template(tok):
 def test_training_steps_reduce_loss(tok):
     import torch
 
-    from benchmarks.tiny_r1.train import Batcher, build_model
+    from edge.benchmarks.tiny_r1.train import Batcher, build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

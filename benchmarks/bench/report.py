@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from benchmarks.bench.schema import load_records
+from edge.benchmarks.bench.schema import load_records
 
 __all__ = ["load_records", "markdown", "write_report", "throughput_rows", "overhead_rows", "reasoning_rows", "device_rows"]
 
@@ -301,7 +301,7 @@ PLOTS = (("throughput.png", plot_throughput), ("time_to_answer.png", plot_time_t
 
 def write_report(records: Sequence[dict[str, Any]], out: Path, *, plots: bool = True) -> list[Path]:
     """``report.md`` plus the plots that the records have data for."""
-    from benchmarks.bench.schema import RecordError
+    from edge.benchmarks.bench.schema import RecordError
 
     out = Path(out)
     if out.exists() and not out.is_dir():

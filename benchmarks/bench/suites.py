@@ -27,9 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from benchmarks.bench import fingerprint
-from benchmarks.bench.schema import KIND, SCHEMA_VERSION, SUITES
-from benchmarks.overhead import OVERHEAD_CONTROLLERS, quiet_controllers
+from edge.benchmarks.bench import fingerprint
+from edge.benchmarks.bench.schema import KIND, SCHEMA_VERSION, SUITES
+from edge.benchmarks.overhead import OVERHEAD_CONTROLLERS, quiet_controllers
 from edge.errors import BackendError, ConfigError
 
 # Neutral prose, tokenized once and tiled to any prompt length.
@@ -259,7 +259,7 @@ def first_token_seconds(rt, prompt: str) -> float:
 
 def throughput_config(model: str, threads: int, gpu_layers: int, cfg: BenchConfig, n_ctx: int, progress: Progress) -> dict[str, Any]:
     """Every throughput figure for one (threads, GPU layers) setting."""
-    from benchmarks.overhead import PROMPT
+    from edge.benchmarks.overhead import PROMPT
     from edge.runtime import Runtime
 
     tag = f"throughput threads={threads} gpu_layers={gpu_layers}"
@@ -318,7 +318,7 @@ def throughput(model: str, cfg: BenchConfig, settings: Sequence[tuple[int, int]]
 # -- overhead -------------------------------------------------------------------------------------
 
 def overhead(model: str, cfg: BenchConfig, threads: Sequence[int], n_ctx: int, progress: Progress) -> dict[str, Any]:
-    from benchmarks.overhead import run_overhead
+    from edge.benchmarks.overhead import run_overhead
 
     runs = []
     for t in threads:
@@ -350,7 +350,7 @@ def _median(xs: Sequence[float | None]) -> float | None:
 
 
 def reasoning_items(cfg: BenchConfig):
-    from benchmarks.tasks import load_task
+    from edge.benchmarks.tasks import load_task
 
     items = load_task(cfg.task)
     levels = {i.level for i in items}
@@ -380,7 +380,7 @@ class AnswerClock:
 
 def reasoning(model: str, cfg: BenchConfig, threads: int, gpu_layers: int, n_ctx: int, progress: Progress) -> dict[str, Any]:
     """Accuracy, thinking tokens and time to answer of each policy on the task slice."""
-    from benchmarks import harness
+    from edge.benchmarks import harness
     from edge.params import SamplingParams
     from edge.runtime import Runtime
 

@@ -6,7 +6,7 @@ On the held-out test split, greedy decoding:
 - the oracle bound: share of thinking tokens spent after the earliest step boundary at which a
   probe already produced the final answer (what early exit could save).
 
-    python -m benchmarks.tiny_r1.report [--model edge/models/tiny-r1-q8_0.gguf] [--out benchmarks/tiny_r1/results] [--limit N]
+    python -m edge.benchmarks.tiny_r1.report [--model edge/models/tiny-r1-q8_0.gguf] [--out benchmarks/tiny_r1/results] [--limit N]
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks import harness
-from benchmarks.tasks import load_task
+from edge.benchmarks import harness
+from edge.benchmarks.tasks import load_task
 from edge.params import SamplingParams
 
 HERE = Path(__file__).resolve().parent

@@ -28,7 +28,9 @@ SPLIT_SEEDS = {"test": 20250101, "validation": 20250202, "stress": 20250303}
 SPLIT_SIZES = {"test": 50, "validation": 20, "stress": 25}  # problems per level
 SPLIT_LEVELS = {"test": LEVELS, "validation": LEVELS, "stress": STRESS_LEVELS}
 TRAIN_SEED = 12345
-DATA_DIR = Path(__file__).resolve().parent / "data"
+# the shipped evaluation data of the package (edge.benchmarks/data): tiny-r1-{test,val,stress}.jsonl
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+SPLIT_FILES = {"test": "tiny-r1-test.jsonl", "validation": "tiny-r1-val.jsonl", "stress": "tiny-r1-stress.jsonl"}
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -188,8 +190,9 @@ def write_jsonl(problems, path: str | Path, with_trace: bool = False) -> Path:
     return path
 
 
-def write_test_split(path: str | Path = DATA_DIR / "test.jsonl", name: str = "test") -> Path:
-    return write_jsonl(make_split(name), path)
+def write_split(name: str, path: str | Path | None = None) -> Path:
+    """Write a held-out split (``test``, ``validation``, ``stress``) as the package ships it."""
+    return write_jsonl(held_out_split(name), path if path is not None else DATA_DIR / SPLIT_FILES[name])
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
@@ -198,8 +201,8 @@ def load_jsonl(path: str | Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    out = write_test_split()
-    print(f"wrote {out}")
+    for split in SPLIT_FILES:
+        print(f"wrote {write_split(split)}")
     p = make_problem(random.Random(0), 3)
     print(p.question)
     print(p.assistant_output())

@@ -1,6 +1,6 @@
 """Train the tiny-r1 student (a small Qwen2) on the teacher's R1-style traces.
 
-    python -m benchmarks.tiny_r1.train --out DIR --seed 0 --minutes 70
+    python -m edge.benchmarks.tiny_r1.train --out DIR --seed 0 --minutes 70
 
 Initialisation and data order are deterministic given ``--seed``.  With only
 ``--minutes`` the cosine learning-rate schedule follows the wall clock (fraction

@@ -105,7 +105,7 @@ def bench() -> None:
 def run_cmd(model, suite, quick, threads, gpu_layers, n_ctx, prompt_lengths, depths, decode_tokens, repeats, overhead_tokens, warmup, task,
             per_level, limit, policies, max_tokens, device_name, notes, out, force, quiet) -> None:
     """Measure MODEL (a GGUF file; default: the bundled tiny-r1) on this device and write one JSON record."""
-    from benchmarks.bench import report, schema, suites
+    from edge.benchmarks.bench import report, schema, suites
 
     given = {
         "suites": parse_suites(suite), "threads": threads, "gpu_layers": gpu_layers, "n_ctx": n_ctx,
@@ -117,7 +117,7 @@ def run_cmd(model, suite, quick, threads, gpu_layers, n_ctx, prompt_lengths, dep
     given = {k: v for k, v in given.items() if v is not None}
     cfg = suites.BenchConfig.quick_config(**given) if quick else suites.BenchConfig(**given)
     if "reasoning" in cfg.suites:  # fail on a bad task or policy now, not after the throughput suite
-        from benchmarks import harness
+        from edge.benchmarks import harness
 
         for spec in cfg.policies:
             harness.parse_policies(spec)
@@ -138,7 +138,7 @@ def run_cmd(model, suite, quick, threads, gpu_layers, n_ctx, prompt_lengths, dep
 @click.option("--no-plots", is_flag=True, help="Write report.md only.")
 def report_cmd(records, out, no_plots) -> None:
     """Merge RECORDS (JSON files, or folders of them) from many devices into tables and plots."""
-    from benchmarks.bench import report
+    from edge.benchmarks.bench import report
 
     recs = report.load_records(records)
     click.echo(report.markdown(recs), nl=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from convert.quantize import QUANT_TYPES
+from edge.convert.quantize import QUANT_TYPES
 from edge.errors import ConfigError, VerificationError
 
 
@@ -29,7 +29,7 @@ def convert() -> None:
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def gguf_cmd(src: str, out: Path, quant: str, force: bool, revision: str | None, run_verify: bool, no_progress: bool) -> None:
     """Convert SRC (a checkpoint folder or hub repo id) to the GGUF file OUT."""
-    from convert import to_gguf, verify
+    from edge.convert import to_gguf, verify
 
     path = to_gguf(src, out, quant=quant, force=force, progress=not no_progress, revision=revision)
     click.echo(f"wrote {path} ({quant.lower()})", err=True)
@@ -44,7 +44,7 @@ def gguf_cmd(src: str, out: Path, quant: str, force: bool, revision: str | None,
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def quantize_cmd(src_gguf: Path, out: Path, quant: str, force: bool) -> None:
     """Quantize an unquantized GGUF (f32/f16/bf16) with llama.cpp's quantizer."""
-    from convert import quantize
+    from edge.convert import quantize
 
     path = quantize(src_gguf, out, quant, force=force)
     click.echo(f"wrote {path} ({quant.lower()})", err=True)
@@ -67,8 +67,8 @@ def verify_cmd(src: str, gguf_path: Path, as_json: bool, prompts: tuple[str, ...
     Exits with status 3 when the GGUF fails the thresholds of its type. GGUF may also be an
     ONNX folder written by `convert onnx` (checked with ONNX Runtime, thresholds by weights type).
     """
-    from convert import Thresholds, verify
-    from convert.verify import THRESHOLDS, gguf_quant_type
+    from edge.convert import Thresholds, verify
+    from edge.convert.verify import THRESHOLDS, gguf_quant_type
 
     if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
         raise ConfigError(f"--min-top1 must be within [0, 1], got {min_top1}")
@@ -77,7 +77,7 @@ def verify_cmd(src: str, gguf_path: Path, as_json: bool, prompts: tuple[str, ...
     thresholds = None
     if min_top1 is not None or max_kl is not None:
         if gguf_path.is_dir():
-            from convert.onnx import onnx_thresholds
+            from edge.convert.onnx import onnx_thresholds
 
             base = onnx_thresholds(gguf_path)
         else:
@@ -138,7 +138,7 @@ def onnx_cmd(src: str, out_dir: Path, weights: str, int8_method: str, block_size
 
     Run it with `edge-reason run --backend onnx -m OUT_DIR`.
     """
-    from convert.onnx import to_onnx, verify_onnx
+    from edge.convert.onnx import to_onnx, verify_onnx
 
     path = to_onnx(src, out_dir, weights=weights.lower(), force=force, block_size=block_size, accuracy_level=accuracy_level,
                    int8_method=int8_method, lm_head_bits=int(lm_head_bits), revision=revision)

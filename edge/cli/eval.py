@@ -12,7 +12,15 @@ from edge.cli.options import model_options, open_runtime
 
 @click.command("eval")
 @model_options
-@click.option("--tasks", "task", default="tiny-r1", show_default=True, help="tiny-r1 | tiny-r1-val | gsm8k | math500 | aime24 | amc23")
+@click.option("--tasks", "task", default="tiny-r1", show_default=True,
+              help="tiny-r1 | tiny-r1-val | tiny-r1-stress | gsm8k | math500 | aime24 | amc23 (shipped with the package), or a name for --data.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Read the task's problems from this JSONL instead (one object per line); a new task name makes a custom task.")
+@click.option("--question-field", default=None, help="Field of --data holding the question (default: question, problem or prompt).")
+@click.option("--answer-field", default=None, help="Field of --data holding the gold answer (default: answer, gold or target; text after '####' is kept).")
+@click.option("--scorer", type=click.Choice(["math", "exact"]), default=None,
+              help="math: last \\boxed{} or number, math equivalence (default); exact: the whole answer text.")
+@click.option("--prompt-suffix", default=None, help="Text appended to each question of --data (the built-in math sets ask for \\boxed{}).")
 @click.option("--policy", "policies", multiple=True, default=("unlimited",), show_default=True,
               help="unlimited | oracle | budget:N[,N..] | effort:L | wait:N | adaptive:S[,S..] | early-exit[:T,..] | dynasor[:K,..]; repeatable.")
 @click.option("--limit", type=int, default=None, help="Evaluate the first N problems (spread over levels).")
@@ -23,18 +31,20 @@ from edge.cli.options import model_options, open_runtime
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-tokens", type=int, default=4096, show_default=True)
 @click.option("--no-plot", is_flag=True, help="Skip the PNG plot.")
-def eval_cmd(task, policies, limit, out, calibration, calibrate, temperature, seed, max_tokens, no_plot, **kw) -> None:
+def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, policies, limit, out, calibration, calibrate,
+             temperature, seed, max_tokens, no_plot, **kw) -> None:
     """Run each policy on a task; print a summary table (and write records with --out)."""
     import json
 
-    from benchmarks import harness
-    from benchmarks.tasks import load_task
+    from edge.benchmarks import harness
+    from edge.benchmarks.tasks import load_task, task_spec
     from edge.control.budget import LengthPredictor
     from edge.errors import ConfigError
     from edge.params import SamplingParams
 
     pols = [p for spec in policies for p in harness.parse_policies(spec)]
-    items = load_task(task, limit)
+    spec = task_spec(task, data, question=question_field, answer=answer_field, scorer=scorer, suffix=prompt_suffix)
+    items = load_task(spec, limit)
     params = SamplingParams(temperature=temperature, top_p=1.0 if temperature == 0 else 0.95, seed=seed, max_tokens=max_tokens)
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
@@ -48,7 +58,7 @@ def eval_cmd(task, policies, limit, out, calibration, calibrate, temperature, se
         if any(p.family.startswith("adaptive") for p in pols) and predictor is None:
             if not calibrate:
                 raise ConfigError("the adaptive policy needs --calibration FILE or --calibrate")
-            cal_task = {"tiny-r1": "tiny-r1-val"}.get(task)
+            cal_task = spec.validation
             if cal_task is None:
                 raise ConfigError(f"no validation split to calibrate on for {task}; pass --calibration FILE")
             click.echo(f"calibrating the adaptive budget on {cal_task} ...", err=True)
