@@ -133,7 +133,9 @@ class ThinkingBudget(Controller):
             # at the cap even a natural close is injected (an injected tag is not a thinking token)
             natural = closing and not eos
             self.forced = not natural
-            if not natural and self.cut == "step" and 0 < self._step_end < gen.thinking_tokens:
+            if not natural and self.cut == "step" and 0 < self._step_end <= gen.thinking_tokens:
+                # the unfinished step since the last paragraph break (none when the cap lands
+                # exactly on the break) is rolled back; thinking closes at a finished step
                 return Action(
                     "budget_exhausted",
                     text=self.close_tag + "\n\n",
