@@ -152,6 +152,9 @@ def collect(events: Iterator[Event]) -> Reply:
     return Reply("".join(answer).strip(), "".join(reasoning).strip(), stats or Stats(), controls)
 
 
+_DEFAULT: Any = object()  # "the runtime's setting" for per-call options
+
+
 class Runtime:
     """A loaded model plus everything needed to chat with it."""
 
@@ -166,8 +169,13 @@ class Runtime:
         gpu_layers: int | None = None,
         tags: TagPair = DEFAULT_TAGS,
         chat_template: str | None = None,
+        reasoning_prompt: str | bool | None = None,
         **backend_options: Any,
     ) -> None:
+        from edge.reasoning import reasoning_instruction
+
+        # checked before the model loads; the default for every call (a call may override it)
+        self.reasoning_prompt = reasoning_instruction(reasoning_prompt)
         if isinstance(backend, str):
             if backend == "remote":
                 self.backend = load_backend(backend, str(model), n_ctx=n_ctx, **backend_options)
@@ -202,9 +210,20 @@ class Runtime:
         if self._closed:
             raise RuntimeClosedError("this Runtime is closed (its model was freed); create a new Runtime to go on")
 
-    def render(self, messages: Messages, *, think: bool = True) -> str:
+    def render(self, messages: Messages, *, think: bool = True, reasoning_prompt: str | bool | None = _DEFAULT) -> str:
+        """The prompt text for ``messages``. ``think=False`` skips thinking (Qwen3-style
+        templates get ``enable_thinking=False``; an open think block is closed). A reasoning
+        prompt (a style of :mod:`edge.reasoning`, an instruction text; default: the runtime's)
+        adds the instruction as system text and opens the think block in the assistant turn."""
+        from edge.reasoning import reasoning_instruction, with_instruction
+
         self._check_open()
-        prompt = self.template.render(messages, add_generation_prompt=True)
+        instruction = self.reasoning_prompt if reasoning_prompt is _DEFAULT else reasoning_instruction(reasoning_prompt)
+        if instruction and think:
+            messages = with_instruction(messages, instruction)
+        prompt = self.template.render(messages, add_generation_prompt=True, enable_thinking=think)
+        if instruction and think and not thinking_open(prompt, self.tags):
+            prompt += f"{self.tags.open}\n"
         if not think and thinking_open(prompt, self.tags):
             prompt += f"\n{self.tags.close}\n\n"
         return prompt
@@ -223,10 +242,11 @@ class Runtime:
         *,
         controllers: Sequence[Controller] = (),
         think: bool = True,
+        reasoning_prompt: str | bool | None = _DEFAULT,
         cancel: threading.Event | None = None,
     ) -> Iterator[Event]:
         """Stream the reply to ``messages`` as events (the last one is ``Done``)."""
-        prompt = self.render(messages, think=think)
+        prompt = self.render(messages, think=think, reasoning_prompt=reasoning_prompt)
         return self.complete(prompt, params, controllers=controllers, cancel=cancel)
 
     def complete(
@@ -302,11 +322,12 @@ class Runtime:
         *,
         controllers: Sequence[Controller] = (),
         think: bool = True,
+        reasoning_prompt: str | bool | None = _DEFAULT,
         cancel: threading.Event | None = None,
     ) -> AsyncIterator[Event]:
         """Like :meth:`chat`, as an async iterator: generation runs in a worker thread."""
         stop = _LinkedCancel(cancel)
-        events = self.chat(messages, params, controllers=controllers, think=think, cancel=stop)
+        events = self.chat(messages, params, controllers=controllers, think=think, reasoning_prompt=reasoning_prompt, cancel=stop)
         async for ev in _aiterate(events, stop):
             yield ev
 

@@ -32,13 +32,14 @@ class ScriptedBackend:
         trial: Callable[[int], tuple[str, float]] | None = None,
         n_ctx: int = 4096,
         chat_template: str | None = None,
+        extra_chars: str = "",
     ) -> None:
         self.script = list(script)
         self.answer = answer
         self.probs = list(probs) if probs is not None else [0.9] * len(self.script)
         self.trial = trial or (lambda n: ("?", 0.1))
         texts = [x for x in self.script if isinstance(x, str)]
-        chars = sorted({c for s in [*texts, answer, string.printable, "Q</think><think>\n Wait0123456789}?Considering the limited time by the user, I have to give the solution based on the thinking directly now."] for c in s})
+        chars = sorted({c for s in [*texts, answer, extra_chars, string.printable, "Q</think><think>\n Wait0123456789}?Considering the limited time by the user, I have to give the solution based on the thinking directly now."] for c in s})
         self.chars = chars
         self.char_id = {c: i for i, c in enumerate(chars)}
         self.script_base = len(chars)

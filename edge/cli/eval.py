@@ -34,6 +34,7 @@ from edge.cli.options import model_options, open_runtime
 def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, policies, limit, out, calibration, calibrate,
              temperature, seed, max_tokens, no_plot, **kw) -> None:
     """Run each policy on a task; print a summary table (and write records with --out)."""
+    import dataclasses
     import json
 
     from edge.benchmarks import harness
@@ -55,6 +56,7 @@ def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, po
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"cannot read calibration {calibration}: {exc}") from None
     with open_runtime(kw) as rt:
+        reasoning_prompt = rt.reasoning_prompt  # the instruction text, recorded with the results
         if any(p.family.startswith("adaptive") for p in pols) and predictor is None:
             if not calibrate:
                 raise ConfigError("the adaptive policy needs --calibration FILE or --calibrate")
@@ -80,3 +82,7 @@ def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, po
     if out is not None:
         for p in harness.write_outputs(out, records, rows, plot=not no_plot):
             click.echo(f"wrote {p}", err=True)
+        settings = {"task": spec.name, "data": str(spec.path) if spec.path else spec.file, "n": len(items),
+                    "policies": [p.name for p in pols], "reasoning_prompt": reasoning_prompt, "sampling": dataclasses.asdict(params)}
+        harness.atomic_write(out / "settings.json", json.dumps(settings, indent=2, default=str))
+        click.echo(f"wrote {out / 'settings.json'}", err=True)

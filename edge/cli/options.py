@@ -34,6 +34,9 @@ def model_options(f: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True,
                      help="auto | cpu | cuda | metal; with an ONNX model also xnnpack | qnn | nnapi | coreml | dml | openvino | rocm | tensorrt | webgpu."),
         click.option("--gpu-layers", type=int, default=None, help="Layers to offload (-1 = all; default all when a GPU is used)."),
+        click.option("--reasoning-prompt", default=None, metavar="STYLE|TEXT",
+                     help="Make an instruct model reason in <think>: a system instruction (style 'step' or 'r1', or your own "
+                          "text) and an opened think block. Not needed for R1-Distill and other reasoning models."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -56,7 +59,7 @@ def sampling_options(f: Callable) -> Callable:
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens")
-MODEL_KEYS = ("model", "backend", "n_ctx", "threads", "device", "gpu_layers")
+MODEL_KEYS = ("model", "backend", "n_ctx", "threads", "device", "gpu_layers", "reasoning_prompt")
 
 
 def pop_sampling(kw: dict[str, Any]):

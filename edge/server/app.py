@@ -281,7 +281,8 @@ class EdgeServer:
         """Render and tokenize the prompt now, so a bad one is a 400 before any streaming."""
         rt = self.runtime
         if req.kind == "chat":
-            ids = rt.tokenize_prompt(rt.render(req.messages, think=req.think))
+            per_request = {} if req.reasoning_prompt is None else {"reasoning_prompt": req.reasoning_prompt}
+            ids = rt.tokenize_prompt(rt.render(req.messages, think=req.think, **per_request))
         elif isinstance(req.prompt, str):
             ids = rt.tokenize_prompt(req.prompt)
         else:

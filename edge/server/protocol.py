@@ -16,6 +16,8 @@ Fields beyond OpenAI's (all optional):
 - ``thinking_budget`` (alias ``max_thinking_tokens``) and ``min_thinking_tokens``;
 - ``early_exit``: ``true`` or ``{"threshold", "mode", "confidence", "k", "min_thinking", ...}``;
 - ``chat_template_kwargs: {"enable_thinking": false}`` skips thinking (vLLM / llama-server style);
+- ``reasoning_prompt``: ``"step"``, ``"r1"``, an instruction text, or ``false``/``"none"``: prompted
+  reasoning for instruct models (see :mod:`edge.reasoning`; default: ``serve --reasoning-prompt``);
 - ``top_k``, ``min_p``, ``repeat_penalty`` (llama-server style sampling extras);
 - ``return_tokens_as_token_ids`` (vLLM style): logprob tokens are written ``token_id:N``.
 """
@@ -87,6 +89,7 @@ class GenerationRequest:
     messages: list[dict[str, Any]] = field(default_factory=list)
     prompt: str | list[int] | None = None
     think: bool = True
+    reasoning_prompt: Any = None  # None: the server's setting; else a style, an instruction, or False/"none"
     logprobs: int = 0
     tokens_as_ids: bool = False
 
@@ -337,6 +340,14 @@ def parse_chat(body: Any, limits: Limits) -> GenerationRequest:
     if kwargs is not None:
         enable = _bool(kwargs, "enable_thinking")
         think = True if enable is None else enable
+    reasoning_prompt = body.get("reasoning_prompt")
+    if reasoning_prompt is not None:
+        from edge.reasoning import reasoning_instruction
+
+        try:
+            reasoning_instruction(reasoning_prompt)
+        except ConfigError as exc:
+            raise bad("reasoning_prompt", str(exc)) from None
     stream, include_usage = _stream(body)
     return GenerationRequest(
         kind="chat",
@@ -348,6 +359,7 @@ def parse_chat(body: Any, limits: Limits) -> GenerationRequest:
         include_usage=include_usage,
         messages=messages,
         think=think,
+        reasoning_prompt=reasoning_prompt,
     )
 
 
