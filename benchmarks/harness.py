@@ -146,21 +146,66 @@ def run_item(rt, item: Item, policy: Policy, params: SamplingParams, predictor=N
         first = next((t["at"] for t in trials if is_equiv(t["answer"], pred or "")), None)
         rec["oracle_point"] = first if first is not None else s.thinking_tokens
         rec["oracle_savings"] = s.thinking_tokens - rec["oracle_point"]
-        rec["trials"] = [[t["at"], t["answer"], round(t["confidence"], 4)] for t in trials]
+        # every probe, so early exit at any threshold or gate can be replayed offline (under
+        # greedy decoding the trace up to an exit is this trace): [at, answer, confidence, cost, finished]
+        rec["trials"] = [[t["at"], t["answer"], round(t["confidence"], 6), t.get("cost", 0), bool(t.get("finished", True))] for t in trials]
+        rec["reasoning_tail"] = reply.reasoning[-300:]
     return rec
 
 
 def evaluate(rt, items: Sequence[Item], policies: Sequence[Policy], params: SamplingParams, *, predictor=None,
-             progress: Callable[[int, int, dict], None] | None = None) -> list[dict]:
+             progress: Callable[[int, int, dict], None] | None = None, journal: Path | None = None,
+             settings: dict | None = None) -> list[dict]:
+    """Run every policy on every item. With a ``journal`` file, each record is appended (and
+    flushed) as soon as it exists, and a run started again with the same ``settings`` skips the
+    (item, policy) pairs already there: an interrupted evaluation resumes where it stopped."""
+    done: dict[tuple[str, str], dict] = {}
+    sink = None
+    if journal is not None:
+        done = _read_journal(journal, settings or {})
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        sink = open(journal, "a", encoding="utf-8")
+        if not done and journal.stat().st_size == 0:
+            sink.write(json.dumps({"settings": settings or {}}, default=str) + "\n")
+            sink.flush()
     records = []
     total = len(items) * len(policies)
-    for policy in policies:
-        for item in items:
-            rec = run_item(rt, item, policy, params, predictor)
-            records.append(rec)
-            if progress:
-                progress(len(records), total, rec)
+    try:
+        for policy in policies:
+            for item in items:
+                rec = done.get((item.id, policy.name))
+                if rec is None:
+                    rec = run_item(rt, item, policy, params, predictor)
+                    if sink is not None:
+                        sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        sink.flush()
+                records.append(rec)
+                if progress:
+                    progress(len(records), total, rec)
+    finally:
+        if sink is not None:
+            sink.close()
     return records
+
+
+def _read_journal(path: Path, settings: dict) -> dict[tuple[str, str], dict]:
+    if not path.exists() or path.stat().st_size == 0:
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        head = json.loads(lines[0])["settings"]
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise ConfigError(f"{path} is not an evaluation journal; use another --out folder") from None
+    if json.loads(json.dumps(settings, default=str)) != head:
+        raise ConfigError(f"{path} holds a run with other settings (model, task, prompt or sampling); use another --out folder")
+    done = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # the last line of a run killed while writing it
+        done[(rec["id"], rec["policy"])] = rec
+    return done
 
 
 def calibrate(rt, items: Sequence[Item], params: SamplingParams, quantile: float = 0.9) -> tuple[LengthPredictor, list[dict]]:

@@ -160,3 +160,33 @@ def test_bad_task_files_say_what_is_wrong(tmp_path, content, message):
         task_spec("bad", f, scorer="fuzzy")
     with pytest.raises(ConfigError, match="or pass --data"):
         task_spec("mmlu")
+
+
+def test_evaluation_resumes_from_its_journal(tmp_path):
+    from tests.scripted import ScriptedBackend
+
+    from edge.params import SamplingParams
+    from edge.runtime import Runtime
+
+    tpl = "{% for m in messages %}{{ m['content'] }}{% endfor %}<think>\n"
+    backend = ScriptedBackend(["Step.", "\n\n", "So 7.", "\n\n", "Yes.", "</think>"], "\n\\boxed{7}", chat_template=tpl)
+    rt = Runtime(backend=backend)
+    items = [Item(f"q{i}", "What is x?", "7") for i in range(4)]
+    pols = harness.parse_policies("unlimited") + harness.parse_policies("oracle")
+    params = SamplingParams(temperature=0, max_tokens=64)
+    journal, settings = tmp_path / "progress.jsonl", {"model": "scripted", "prompt": None}
+    first = harness.evaluate(rt, items, pols, params, journal=journal, settings=settings)
+    assert len(first) == 8 and all(r["correct"] for r in first)
+    oracle = [r for r in first if r["policy"] == "oracle"][0]
+    assert oracle["trials"] and all(len(t) == 5 for t in oracle["trials"])  # at, answer, confidence, cost, finished
+    # killed after three records, in the middle of writing the fourth
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
+    evals = backend.evals
+    again = harness.evaluate(rt, items, pols, params, journal=journal, settings=settings)
+    assert [(r["id"], r["policy"]) for r in again] == [(r["id"], r["policy"]) for r in first]
+    assert [r["thinking_tokens"] for r in again] == [r["thinking_tokens"] for r in first]
+    ran = backend.evals - evals
+    assert 0 < ran < evals  # only the five missing pairs ran
+    with pytest.raises(ConfigError, match="other settings"):
+        harness.evaluate(rt, items, pols, params, journal=journal, settings={"model": "another"})

@@ -24,7 +24,8 @@ from edge.cli.options import model_options, open_runtime
 @click.option("--policy", "policies", multiple=True, default=("unlimited",), show_default=True,
               help="unlimited | oracle | budget:N[,N..] | effort:L | wait:N | adaptive:S[,S..] | early-exit[:T,..] | dynasor[:K,..]; repeatable.")
 @click.option("--limit", type=int, default=None, help="Evaluate the first N problems (spread over levels).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for records.jsonl, summary, curve.csv and curve.png.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for records.jsonl, summary, curve.csv and curve.png; an interrupted run given the same folder resumes.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None, help="Adaptive-budget calibration JSON (made with --calibrate).")
 @click.option("--calibrate", is_flag=True, help="Fit the adaptive-budget predictor on the validation split first.")
 @click.option("--temperature", type=float, default=0.0, show_default=True)
@@ -75,14 +76,16 @@ def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, po
             sys.stderr.write(f"\r[{i}/{total}] {rec['policy']:<18} {mark} think={rec['thinking_tokens']:<5} probes={rec['probe_tokens']:<4}")
             sys.stderr.flush()
 
-        records = harness.evaluate(rt, items, pols, params, predictor=predictor, progress=progress)
+        settings = {"model": rt.backend.info.model_path, "task": spec.name, "data": str(spec.path) if spec.path else spec.file,
+                    "reasoning_prompt": reasoning_prompt, "sampling": dataclasses.asdict(params)}
+        journal = out / "progress.jsonl" if out is not None else None  # resumable: records land as they are made
+        records = harness.evaluate(rt, items, pols, params, predictor=predictor, progress=progress, journal=journal, settings=settings)
         sys.stderr.write("\n")
     rows = harness.summarize(records)
     click.echo(harness.markdown_table(rows))
     if out is not None:
         for p in harness.write_outputs(out, records, rows, plot=not no_plot):
             click.echo(f"wrote {p}", err=True)
-        settings = {"task": spec.name, "data": str(spec.path) if spec.path else spec.file, "n": len(items),
-                    "policies": [p.name for p in pols], "reasoning_prompt": reasoning_prompt, "sampling": dataclasses.asdict(params)}
+        settings.update(n=len(items), policies=[p.name for p in pols])
         harness.atomic_write(out / "settings.json", json.dumps(settings, indent=2, default=str))
         click.echo(f"wrote {out / 'settings.json'}", err=True)
