@@ -9,7 +9,10 @@ state, decodes a short trial answer greedily, reads its confidence, and rolls th
 - ``mode="confidence"``: the trial's confidence (mean / min / geometric mean of its token
   probabilities) is >= ``threshold``;
 - ``mode="consistency"``: the last ``k`` trial answers agree (Dynasor-CoT, arXiv 2412.20993);
-- ``mode="both"``: either.
+- ``mode="both"``: either;
+- ``mode="calibrated"``: a :class:`Calibration` fitted on a validation run turns the trial's
+  confidence, the agreement of consecutive trials and whether the answer finished into a
+  probability that the answer is right, which must be >= ``threshold``.
 
 Probes cost tokens, so a cheap always-on signal decides when one is worth it (DeepConf-style,
 arXiv 2508.15260): the mean probability of the main stream's last ``window`` thinking tokens
@@ -40,7 +43,60 @@ _NEVER, _PLAIN, _WORD, _WORD_INNER = range(4)
 DEFAULT_INDUCER = "</think>\n\n**Final Answer**\n\\boxed{"
 DEFAULT_WORDS = ("Wait", "Alternatively", "Hmm", "But wait", "Let me double-check", "Double-check")
 CONFIDENCE_KINDS = ("mean", "min", "geo")
-MODES = ("confidence", "consistency", "both")
+MODES = ("confidence", "consistency", "both", "calibrated")
+MAX_STREAK = 3
+
+
+def probe_features(trials) -> list[float]:
+    """What a calibrated gate reads from the probes so far (the last one is being judged):
+    a bias, the logit of its confidence, how many probes in a row before it gave the same
+    answer (capped at ``MAX_STREAK``), and whether its answer finished within the probe."""
+    last = trials[-1]
+    c = min(max(float(last["confidence"]), 1e-6), 1 - 1e-6)
+    streak = 0
+    for t in reversed(trials[:-1]):
+        if not last["answer"] or t["answer"] != last["answer"] or streak >= MAX_STREAK:
+            break
+        streak += 1
+    return [1.0, math.log(c / (1 - c)), float(streak), 1.0 if last["finished"] else 0.0]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A logistic model of "this probe's answer is right" over :func:`probe_features`, fitted on
+    the probes of a validation run (``python -m edge.benchmarks.offline``). Raw probe confidence
+    is not a probability of being right: a small model is sure of wrong answers."""
+
+    weights: tuple[float, ...]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != 4 or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in self.weights):
+            raise ConfigError(f"a calibration has 4 finite weights, got {self.weights!r}")
+
+    def probability(self, trials) -> float:
+        z = sum(w * x for w, x in zip(self.weights, probe_features(trials)))
+        return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
+
+    def to_dict(self) -> dict:
+        return {"weights": list(self.weights), "features": ["bias", "logit_confidence", "agreement_streak", "finished"], "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        try:
+            return cls(tuple(float(w) for w in d["weights"]), str(d.get("source", "")))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError("a calibration needs a 'weights' list of 4 numbers") from None
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        import json
+        from pathlib import Path
+
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the calibration {path}: {exc}") from None
 
 
 def check_unit(name: str, value: float) -> None:
@@ -97,6 +153,7 @@ class EarlyExit(Controller):
     min_thinking: int = 0
     max_probes: int = 64
     record_only: bool = False
+    calibration: Calibration | None = None
     name: str = field(default="early_exit", init=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +163,8 @@ class EarlyExit(Controller):
             raise ConfigError(f"unknown confidence {self.confidence!r}; choose one of: {', '.join(CONFIDENCE_KINDS)}")
         if self.mode not in MODES:
             raise ConfigError(f"unknown early-exit mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        if self.mode == "calibrated" and self.calibration is None:
+            raise ConfigError("the calibrated early-exit gate needs a calibration (fitted on a validation run)")
         self.words = tuple(self.words)
         if not 1 <= self.k <= 16:
             raise ConfigError(f"k must be in [1, 16], got {self.k}")
@@ -182,6 +241,8 @@ class EarlyExit(Controller):
 
     def decide(self) -> bool:
         last = self.trials[-1]
+        if self.mode == "calibrated":
+            return last["finished"] and self.calibration.probability(self.trials) >= self.threshold
         by_conf = last["confidence"] >= self.threshold and last["finished"]
         answers = [t["answer"] for t in self.trials[-self.k :]]
         by_cons = len(answers) == self.k and all(a == answers[0] and a for a in answers) and all(t["finished"] for t in self.trials[-self.k :])

@@ -1,0 +1,339 @@
+"""Early exit replayed offline from one oracle run, with calibration and paired statistics.
+
+An ``oracle`` evaluation (``edge-reason eval --policy oracle --out DIR``) decodes each problem
+with unlimited thinking and probes the model at every step boundary without acting on the probes
+(record-only; each probe is rolled back, so the trace is the unlimited one). Under greedy decoding
+an early exit at probe ``i`` would have produced exactly this trace up to that probe and then
+the probe's answer, so every exit rule (confidence threshold, Dynasor-style agreement, a
+calibrated gate) is evaluated from the records without decoding again: one pass, the whole
+threshold curve.
+
+Honest selection: the first ``--validation`` problems choose the rule and its setting and fit the
+calibration; the remaining problems (the test slice) only report. Reported per policy: accuracy
+with a 95% Wilson interval, the paired change against unlimited on the same problems with an
+exact McNemar test, mean thinking and probe tokens, net tokens saved, and the share of the oracle
+bound captured (the bound: thinking after the first probe that already gave the final answer).
+
+    python -m edge.benchmarks.offline RUN_DIR [RUN_DIR ...] --validation 50 --out RESULTS_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edge.benchmarks.tasks import is_equiv
+from edge.control.early_exit import Calibration, probe_features
+
+Trial = dict
+Rule = Callable[[list[Trial]], bool]
+
+
+def load_records(run: Path) -> list[dict]:
+    """The oracle records of a run folder (``records.jsonl``, else the journal of a run still going)."""
+    path = run / "records.jsonl" if (run / "records.jsonl").exists() else run / "progress.jsonl"
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("policy") == "oracle":
+            out.append(rec)
+    return out
+
+
+def trials_of(rec: dict) -> list[Trial]:
+    return [{"at": t[0], "answer": t[1], "confidence": t[2], "cost": t[3] if len(t) > 3 else 0, "finished": bool(t[4]) if len(t) > 4 else True}
+            for t in rec.get("trials", [])]
+
+
+def oracle_point(rec: dict) -> int:
+    """Thinking tokens after which a probe already gave the run's final answer."""
+    for t in trials_of(rec):
+        if rec.get("pred") is not None and is_equiv(t["answer"], rec["pred"]):
+            return t["at"]
+    return rec["thinking_tokens"]
+
+
+def replay(rec: dict, rule: Rule | None) -> dict:
+    """What a live early exit with ``rule`` would have done on this trace."""
+    probes: list[Trial] = []
+    cost = 0
+    for t in trials_of(rec) if rule is not None else []:
+        probes.append(t)
+        cost += t["cost"]
+        if rule(probes):
+            return {"id": rec["id"], "thinking_tokens": t["at"], "probe_tokens": cost, "pred": t["answer"],
+                    "correct": is_equiv(t["answer"], rec["gold"]), "exited": True}
+    return {"id": rec["id"], "thinking_tokens": rec["thinking_tokens"], "probe_tokens": cost, "pred": rec.get("pred"),
+            "correct": bool(rec["correct"]), "exited": False}
+
+
+# -- rules (the live EarlyExit.decide, on recorded trials) ---------------------------------------
+def confidence_rule(threshold: float) -> Rule:
+    return lambda ts: ts[-1]["finished"] and ts[-1]["confidence"] >= threshold
+
+
+def consistency_rule(k: int) -> Rule:
+    def rule(ts: list[Trial]) -> bool:
+        last = ts[-k:]
+        return len(last) == k and all(t["finished"] and t["answer"] and t["answer"] == last[0]["answer"] for t in last)
+
+    return rule
+
+
+def calibrated_rule(cal: Calibration, threshold: float) -> Rule:
+    return lambda ts: ts[-1]["finished"] and cal.probability(ts) >= threshold
+
+
+# -- statistics --------------------------------------------------------------------------------
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> float:
+    """Exact two-sided McNemar p-value for paired correctness (1.0 when nothing changed)."""
+    b = sum(1 for x, y in zip(base, other) if x and not y)
+    c = sum(1 for x, y in zip(base, other) if y and not x)
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def summarize(recs: Sequence[dict], rule: Rule | None, name: str) -> dict:
+    runs = [replay(r, rule) for r in recs]
+    base = [bool(r["correct"]) for r in recs]
+    corr = [r["correct"] for r in runs]
+    n, k = len(runs), sum(corr)
+    base_t = sum(r["thinking_tokens"] for r in recs)
+    net = sum(r["thinking_tokens"] + r["probe_tokens"] for r in runs)
+    bound = sum(r["thinking_tokens"] - oracle_point(r) for r in recs)
+    lo, hi = wilson(k, n)
+    return {
+        "policy": name,
+        "n": n,
+        "accuracy": k / n if n else float("nan"),
+        "ci_low": lo,
+        "ci_high": hi,
+        "delta_vs_unlimited": (k - sum(base)) / n if n else 0.0,
+        "mcnemar_p": mcnemar(base, corr),
+        "thinking_tokens": sum(r["thinking_tokens"] for r in runs) / n if n else 0.0,
+        "probe_tokens": sum(r["probe_tokens"] for r in runs) / n if n else 0.0,
+        "saved_net": (base_t - net) / base_t if base_t else 0.0,
+        "oracle_bound": bound / base_t if base_t else 0.0,
+        "share_of_bound": (base_t - net) / bound if bound else float("nan"),
+        "exits": sum(r["exited"] for r in runs),
+    }
+
+
+# -- calibration -------------------------------------------------------------------------------
+def probe_table(recs: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per probe: features, raw confidence, and whether its answer was right."""
+    xs, conf, ys = [], [], []
+    for r in recs:
+        ts = trials_of(r)
+        for i, t in enumerate(ts):
+            xs.append(probe_features(ts[: i + 1]))
+            conf.append(t["confidence"])
+            ys.append(1.0 if is_equiv(t["answer"], r["gold"]) else 0.0)
+    return np.array(xs, dtype=float).reshape(-1, 4), np.array(conf, dtype=float), np.array(ys, dtype=float)
+
+
+def fit_calibration(recs: Sequence[dict], *, l2: float = 1e-2, source: str = "") -> Calibration:
+    """Logistic regression of probe correctness on :func:`probe_features` (Newton steps with a
+    small ridge, so a separable or tiny validation set still gives finite weights)."""
+    x, _, y = probe_table(recs)
+    if len(y) < 8 or y.min() == y.max():
+        # too few probes, or all right / all wrong: the features cannot be weighed; the
+        # smoothed rate of right probes is the best estimate (Laplace: never 0 or 1)
+        rate = (y.sum() + 0.5) / (len(y) + 1.0)
+        return Calibration((math.log(rate / (1 - rate)), 0.0, 0.0, 0.0), source=source + f" (constant: {len(y)} probes, {int(y.sum())} right)")
+    w = np.zeros(4)
+    reg = l2 * np.eye(4)
+    reg[0, 0] = 0.0
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-np.clip(x @ w, -60, 60)))
+        g = x.T @ (p - y) + reg @ w
+        h = (x * (p * (1 - p))[:, None]).T @ x + reg + 1e-9 * np.eye(4)
+        step = np.linalg.solve(h, g)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return Calibration(tuple(float(v) for v in w), source=source)
+
+
+def ece(prob: np.ndarray, y: np.ndarray, bins: int = 10) -> tuple[float, list[dict]]:
+    """Expected calibration error over equal-width bins, and the bins (reliability diagram)."""
+    rows, total = [], 0.0
+    edges = np.linspace(0, 1, bins + 1)
+    for i in range(bins):
+        m = (prob >= edges[i]) & ((prob < edges[i + 1]) if i < bins - 1 else (prob <= 1.0))
+        if not m.any():
+            continue
+        conf, acc = float(prob[m].mean()), float(y[m].mean())
+        rows.append({"low": float(edges[i]), "high": float(edges[i + 1]), "n": int(m.sum()), "confidence": conf, "accuracy": acc})
+        total += m.sum() / len(y) * abs(conf - acc)
+    return float(total), rows
+
+
+def calibration_report(recs: Sequence[dict], cal: Calibration) -> dict:
+    x, conf, y = probe_table(recs)
+    if not len(y):
+        return {"probes": 0}
+    calibrated = np.array([_prob(cal, v) for v in x])
+    raw_ece, raw_bins = ece(conf, y)
+    cal_ece, cal_bins = ece(calibrated, y)
+    return {"probes": int(len(y)), "right": float(y.mean()), "ece_raw": raw_ece, "ece_calibrated": cal_ece,
+            "bins_raw": raw_bins, "bins_calibrated": cal_bins}
+
+
+def _prob(cal: Calibration, feats: np.ndarray) -> float:
+    z = float(np.dot(cal.weights, feats))
+    return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
+
+
+def plot_reliability(reports: dict[str, dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(4.2 * len(reports), 4.0), dpi=120, squeeze=False)
+    for ax, (title, rep) in zip(axes[0], reports.items()):
+        ax.plot([0, 1], [0, 1], ls=":", c="grey")
+        for key, label, style in (("bins_raw", f"raw (ECE {rep.get('ece_raw', float('nan')):.3f})", "o-"),
+                                  ("bins_calibrated", f"calibrated (ECE {rep.get('ece_calibrated', float('nan')):.3f})", "s-")):
+            bins = rep.get(key, [])
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, label=label, ms=4)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("predicted probability the probe answer is right")
+        ax.set_ylabel("observed accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# -- selection on validation, report on test -----------------------------------------------------
+CONFIDENCE_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999)
+CONSISTENCY_GRID = (2, 3, 4)
+CALIBRATED_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+@dataclass
+class Choice:
+    family: str
+    setting: float
+    rule: Rule
+    validation: dict
+
+
+def choose(val: Sequence[dict], family: str, grid: Sequence[float], make: Callable[[float], Rule], *, max_drop: float = 0.01) -> Choice | None:
+    """The setting that saves the most net tokens on validation while losing at most
+    ``max_drop`` accuracy there (observed); None when no setting qualifies."""
+    best = None
+    for v in grid:
+        row = summarize(val, make(v), f"{family}:{v}")
+        if row["delta_vs_unlimited"] >= -max_drop - 1e-12 and (best is None or row["saved_net"] > best.validation["saved_net"]):
+            best = Choice(family, v, make(v), row)
+    return best
+
+
+def analyse(recs: Sequence[dict], n_val: int, *, label: str = "", validation: Sequence[dict] | None = None) -> dict:
+    """Choose on ``validation`` (else the first ``n_val`` records), report on the rest."""
+    if validation is not None:
+        val, test = list(validation), list(recs)
+    else:
+        val, test = list(recs[:n_val]), list(recs[n_val:])
+    cal = fit_calibration(val, source=f"{label}: {len(val)} validation problems")
+    choices = [
+        choose(val, "early-exit", CONFIDENCE_GRID, confidence_rule),
+        choose(val, "dynasor", CONSISTENCY_GRID, lambda k: consistency_rule(int(k))),
+        choose(val, "calibrated", CALIBRATED_GRID, lambda t: calibrated_rule(cal, t)),
+    ]
+    rows = [summarize(test, None, "unlimited")]
+    for c in choices:
+        if c is None:
+            continue
+        row = summarize(test, c.rule, f"{c.family}:{c.setting:g} (val)")
+        row["validation_saved_net"] = c.validation["saved_net"]
+        row["validation_delta"] = c.validation["delta_vs_unlimited"]
+        rows.append(row)
+    curve = [summarize(test, confidence_rule(t), f"early-exit:{t}") for t in CONFIDENCE_GRID]
+    return {
+        "label": label,
+        "validation": len(val),
+        "test": len(test),
+        "calibration": cal.to_dict(),
+        "calibration_test": calibration_report(test, cal),
+        "rows": rows,
+        "curve": curve,
+    }
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    cols = ["policy", "n", "accuracy", "95% CI", "Δ acc", "McNemar p", "thinking", "probe", "net saved", "oracle bound", "share of bound"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join([
+            r["policy"], str(r["n"]), f"{r['accuracy']:.3f}", f"{r['ci_low']:.3f}–{r['ci_high']:.3f}",
+            f"{r['delta_vs_unlimited']:+.3f}", f"{r['mcnemar_p']:.3f}", f"{r['thinking_tokens']:.1f}", f"{r['probe_tokens']:.1f}",
+            f"{r['saved_net']:+.1%}", f"{r['oracle_bound']:.1%}",
+            "—" if math.isnan(r["share_of_bound"]) else f"{r['share_of_bound']:.1%}",
+        ]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="eval --out folders of oracle runs")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--validation", type=int, help="the first N problems of each run choose settings and fit the calibration")
+    group.add_argument("--validation-run", type=Path, help="an oracle run on a validation split of the same task (all of each RUN is then test)")
+    group.add_argument("--alternate", action="store_true", help="even-numbered problems of each run validate, odd ones test (runs ordered by level)")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    results, md, reports = [], [], {}
+    val = load_records(a.validation_run) if a.validation_run else None
+    for run in a.runs:
+        recs = load_records(run)
+        if a.alternate:
+            res = analyse(recs[1::2], 0, label=run.name + " (odd problems; even ones validate)", validation=recs[0::2])
+        else:
+            if val is None and len(recs) <= a.validation:
+                raise SystemExit(f"error: {run} has {len(recs)} oracle records; need more than --validation {a.validation}")
+            res = analyse(recs, a.validation or 0, label=run.name, validation=val)
+        results.append(res)
+        reports[res["label"]] = res["calibration_test"]
+        md.append(f"## {res['label']} (validation {res['validation']}, test {res['test']})\n\n" + markdown(res["rows"]))
+        ct = res["calibration_test"]
+        if ct.get("probes"):
+            md.append(f"Probe calibration on the test slice: {ct['probes']} probes, {ct['right']:.1%} right; "
+                      f"ECE raw confidence {ct['ece_raw']:.3f}, calibrated {ct['ece_calibrated']:.3f}.\n")
+    (a.out / "offline.json").write_text(json.dumps(results, indent=2))
+    (a.out / "offline.md").write_text("\n".join(md))
+    plot_reliability(reports, a.out / "reliability.png")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
