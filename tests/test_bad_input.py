@@ -52,3 +52,66 @@ def test_runtime_refuses_a_lone_surrogate_with_a_prompt_error():
 
     with Runtime() as rt, pytest.raises(PromptError, match="lone surrogate"):
         rt.ask("What is b?\ud800")
+
+
+# -- the server: lone surrogates are a 400 and the connection stays up ----------------------------
+@pytest.fixture(scope="module")
+def server():
+    from edge.runtime import Runtime
+    from edge.server import ServerConfig, ServerThread
+
+    with Runtime(n_ctx=512, threads=1) as rt, ServerThread(rt, ServerConfig(port=0, log_level="warning")) as srv:
+        yield srv
+
+
+def test_lone_surrogates_are_400_on_one_keep_alive_connection(server):
+    import http.client
+    import json
+    import logging
+
+    class Recorder(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    recorder = Recorder()
+    loggers = [logging.getLogger(n) for n in ("uvicorn.error", "edge.server")]
+    for lg in loggers:
+        lg.addHandler(recorder)
+    good = json.dumps({"model": "tiny-r1", "messages": [{"role": "user", "content": "a = 1. What is a?"}], "max_tokens": 2})
+    bad = [  # (path, raw JSON): escapes as clients write them, and CESU-8 bytes
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "What is b?\\ud800"}], "max_tokens": 2}'),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "stream": true, "stop": ["\\udfff"]}'),
+        ("/v1/completions", '{"prompt": "a = 1.\\udc00", "max_tokens": 2}'),
+        ("/v1/completions", b'{"prompt": "a = 1.\xed\xa0\x80", "max_tokens": 2}'),
+        ("/tokenize", '{"content": "\\ud83d"}'),
+    ]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    statuses, errors, socks = {"good": [], "bad": []}, [], set()
+    try:
+        for i in range(50):
+            for kind, (path, body) in (("bad", bad[i % len(bad)]), ("good", ("/v1/chat/completions", good))):
+                try:
+                    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                    r = conn.getresponse()
+                    payload = r.read()
+                    socks.add(conn.sock.getsockname())
+                    statuses[kind].append(r.status)
+                    if kind == "bad" and r.status == 400:
+                        errors.append(json.loads(payload)["error"])
+                except (OSError, http.client.HTTPException) as exc:  # a reset: count it, go on anew
+                    statuses[kind].append(type(exc).__name__)
+                    conn.close()
+    finally:
+        conn.close()
+        for lg in loggers:
+            lg.removeHandler(recorder)
+    assert statuses == {"good": [200] * 50, "bad": [400] * 50}
+    assert len(socks) == 1  # one connection served all 100 requests
+    assert {e["code"] for e in errors} == {"invalid_unicode"}
+    assert {e["param"] for e in errors} == {"messages[0].content", "stop[0]", "prompt", "content"}
+    assert "lone UTF-16 surrogate" in errors[0]["message"]
+    assert not [r for r in recorder.records if r.exc_info], "a traceback was logged"

@@ -91,9 +91,43 @@ async def read_json(request: Request, limit: int) -> Any:
     if not data.strip():
         raise bad(None, "the request body is empty; send a JSON object", "invalid_json")
     try:
-        return json.loads(bytes(data))
+        body = json.loads(bytes(data))
     except (ValueError, RecursionError) as exc:
         raise bad(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+    if b"\\u" in data or b"\xed" in data:  # how a lone surrogate gets in: an escape or CESU-8 bytes
+        where = lone_surrogate(body)
+        if where is not None:
+            raise bad(where or None, f"{repr(where) if where else 'the body'} holds a lone UTF-16 surrogate, which is not text; "
+                      "send valid Unicode (a character beyond U+FFFF is one escape pair, e.g. \\ud83d\\ude00)", "invalid_unicode")
+    return body
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The path of the first string (or key) in a JSON value that holds a lone surrogate
+    (``messages[0].content``; ``""`` for the value itself), else None."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            if not _is_text(v):
+                return path
+        elif isinstance(v, dict):
+            for k, item in reversed(v.items()):
+                name = k if _is_text(k) else k.encode("utf-8", "backslashreplace").decode("ascii")
+                if name is not k:
+                    return f"{path}.{name}" if path else name
+                stack.append((item, f"{path}.{k}" if path else k))
+        elif isinstance(v, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(v))))
+    return None
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _EventStream(StreamingResponse):
