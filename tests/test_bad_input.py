@@ -54,16 +54,18 @@ def test_runtime_refuses_a_lone_surrogate_with_a_prompt_error():
         rt.ask("What is b?\ud800")
 
 
-# -- the server: lone surrogates are a 400 and the connection stays up ----------------------------
+# -- the server -----------------------------------------------------------------------------------
+BODY_TIMEOUT = 2.0
 @pytest.fixture(scope="module")
 def server():
     from edge.runtime import Runtime
     from edge.server import ServerConfig, ServerThread
 
-    with Runtime(n_ctx=512, threads=1) as rt, ServerThread(rt, ServerConfig(port=0, log_level="warning")) as srv:
+    with Runtime(n_ctx=512, threads=1) as rt, ServerThread(rt, ServerConfig(port=0, log_level="warning", body_timeout_s=BODY_TIMEOUT)) as srv:
         yield srv
 
 
+# lone surrogates are a 400 and the connection stays up
 def test_lone_surrogates_are_400_on_one_keep_alive_connection(server):
     import http.client
     import json
@@ -115,3 +117,46 @@ def test_lone_surrogates_are_400_on_one_keep_alive_connection(server):
     assert {e["param"] for e in errors} == {"messages[0].content", "stop[0]", "prompt", "content"}
     assert "lone UTF-16 surrogate" in errors[0]["message"]
     assert not [r for r in recorder.records if r.exc_info], "a traceback was logged"
+
+
+# a body shorter than its Content-Length: 408 after the body timeout, and the connection closed
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_body_that_never_ends_is_408_and_closed(server, framing):
+    import json
+    import socket
+
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    if framing == "content-length":
+        request = head + "Content-Length: 100\r\n\r\n" + '{"messages": ['  # 86 bytes short
+    else:
+        request = head + "Transfer-Encoding: chunked\r\n\r\n" + "e\r\n" + '{"messages": [' + "\r\n"  # no last chunk
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # 30 s: a hang, not a speed bound
+        sock.sendall(request.encode())
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout" and f"within {BODY_TIMEOUT:g} s" in error["message"]
+    assert httpx_get(server, "/health").status_code == 200  # the server goes on
+
+
+def httpx_get(server, path):
+    import httpx
+
+    return httpx.get(server.url.removesuffix("/v1") + path, timeout=30)
+
+
+def test_body_timeout_is_validated_and_settable_from_the_cli():
+    from edge.errors import ConfigError
+    from edge.server import ServerConfig
+
+    assert ServerConfig().body_timeout_s == 30.0
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="body timeout"):
+            ServerConfig(body_timeout_s=bad)
+    r = run_cli("serve", "--body-timeout", "0", "--port", "0")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: the body timeout must be a finite number of seconds > 0, got 0.0"], r.stderr
+    assert "--body-timeout" in run_cli("serve", "--help").stdout
