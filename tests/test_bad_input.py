@@ -160,3 +160,23 @@ def test_body_timeout_is_validated_and_settable_from_the_cli():
     r = run_cli("serve", "--body-timeout", "0", "--port", "0")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: the body timeout must be a finite number of seconds > 0, got 0.0"], r.stderr
     assert "--body-timeout" in run_cli("serve", "--help").stdout
+
+
+def _openai(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url, api_key="unused", timeout=60, max_retries=0)
+
+
+# role "developer" (current OpenAI clients) is a system message
+def test_developer_role_is_a_system_message(server):
+    api = _openai(server)
+    question = {"role": "user", "content": "a = 1. b = a + 1. What is b?"}
+
+    def prompt_tokens(*messages):
+        r = api.chat.completions.create(model="tiny-r1", messages=list(messages), max_tokens=2, temperature=0)
+        return r.usage.prompt_tokens
+
+    as_developer = prompt_tokens({"role": "developer", "content": "Think briefly."}, question)
+    assert as_developer == prompt_tokens({"role": "system", "content": "Think briefly."}, question)
+    assert as_developer > prompt_tokens(question)  # the instruction is in the prompt

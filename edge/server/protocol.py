@@ -18,6 +18,9 @@ Fields beyond OpenAI's (all optional):
 - ``chat_template_kwargs: {"enable_thinking": false}`` skips thinking (vLLM / llama-server style);
 - ``top_k``, ``min_p``, ``repeat_penalty`` (llama-server style sampling extras);
 - ``return_tokens_as_token_ids`` (vLLM style): logprob tokens are written ``token_id:N``.
+
+A message with role ``developer`` (what current OpenAI clients send in place of ``system``) is
+a system message.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from edge.params import SamplingParams
 
 REASONING_FORMATS = ("deepseek", "inline", "none")
 EFFORT_ALIASES = {"minimal": "low", "none": "off"}
+ROLE_ALIASES = {"developer": "system"}  # current OpenAI clients send "developer" in place of "system"
 EARLY_EXIT_KEYS = ("threshold", "mode", "confidence", "k", "min_thinking", "min_gap", "gate", "window", "max_probes", "probe_max_tokens")
 MAX_STOP = 4
 MAX_LOGPROBS = 20
@@ -292,7 +296,7 @@ def _messages(body: dict) -> list[dict[str, Any]]:
         role = m.get("role")
         if not isinstance(role, str):
             raise bad(f"messages[{i}].role", "each message needs a string 'role'", "invalid_type")
-        out.append({"role": role, "content": _content(m.get("content"), i)})
+        out.append({"role": ROLE_ALIASES.get(role, role), "content": _content(m.get("content"), i)})
     return out
 
 
