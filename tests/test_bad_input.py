@@ -180,3 +180,17 @@ def test_developer_role_is_a_system_message(server):
     as_developer = prompt_tokens({"role": "developer", "content": "Think briefly."}, question)
     assert as_developer == prompt_tokens({"role": "system", "content": "Think briefly."}, question)
     assert as_developer > prompt_tokens(question)  # the instruction is in the prompt
+
+
+# any model name is served by the one loaded model, and the response names the real one
+def test_unknown_model_name_is_served_by_the_loaded_model(server):
+    api = _openai(server)
+    (card,) = api.models.list().data
+    msgs = [{"role": "user", "content": "a = 1. b = a + 1. What is b?"}]
+    for name in ("gpt-4o", "no-such-model", ""):
+        chat = api.chat.completions.create(model=name, messages=msgs, max_tokens=2, temperature=0)
+        assert chat.model == card.id and chat.usage.completion_tokens == 2
+        stream = api.chat.completions.create(model=name, messages=msgs, max_tokens=2, temperature=0, stream=True)
+        assert {chunk.model for chunk in stream} == {card.id}
+        completion = api.completions.create(model=name, prompt="a = 1. b = a + 1.", max_tokens=2, temperature=0)
+        assert completion.model == card.id

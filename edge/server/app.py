@@ -16,7 +16,7 @@ serving health checks and other clients. A client that disconnects - while waiti
 its reply streams - sets the generation's cancel event; the generator stops at its next token.
 
 The request's ``model`` is accepted and not checked: a server holds one model (its id is in
-``/v1/models``). Greedy one-token completions asking for logprobs (what the remote backend
+``/v1/models``), which serves every request, and every response's ``model`` names it. Greedy one-token completions asking for logprobs (what the remote backend
 sends for every token) take a fast path, :meth:`Runtime.next_token_logprobs`, which scores the
 prompt without committing a token.
 
