@@ -232,7 +232,18 @@ class Runtime:
         self._check_open()
         bos = self.backend.bos_token
         add_bos = bool(getattr(self.backend, "add_bos", False)) and not (bos and prompt.startswith(bos))
-        return self.backend.tokenize(prompt, add_bos=add_bos, special=True)
+        try:
+            return self.backend.tokenize(prompt, add_bos=add_bos, special=True)
+        except UnicodeEncodeError:
+            at = next((i for i, c in enumerate(prompt) if "\ud800" <= c <= "\udfff"), None)
+            if at is None:
+                raise
+            from edge.errors import PromptError
+
+            raise PromptError(
+                f"the prompt is not valid Unicode: it holds a lone surrogate ({prompt[at]!r}); "
+                "pass text, not half of a UTF-16 pair or undecoded bytes"
+            ) from None
 
     # -- streaming -------------------------------------------------------------------------------
     def chat(

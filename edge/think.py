@@ -8,10 +8,12 @@ concatenation of the pieces equals the parse of the whole input (tested with hyp
 Rules:
 - ``start_in_thinking=True`` when the prompt already opened thinking (R1 templates end the
   generation prompt with ``<think>\\n``); otherwise text before an opening tag is answer text.
-- An opening tag switches to thinking, a closing tag back to answer; tags themselves are not
-  emitted. Several think blocks are allowed.
-- An opening tag while already thinking, or a closing tag while not thinking (a stray tag), is
-  dropped and counted in :attr:`ThinkParser.stray_tags`.
+- Only a tag that changes state is markup: an opening tag while answering switches to
+  thinking, a closing tag while thinking back to answer, and these tags are not emitted.
+  Several think blocks are allowed.
+- A tag that would not change state - ``</think>`` written in the answer, ``<think>`` written
+  while thinking - is ordinary text of the stream it appears in (as DeepSeek's API and vLLM's
+  R1 parser keep everything after the first ``</think>`` verbatim as content).
 - Thinking that never closes (budget hit, EOS) stays thinking; :meth:`finish` flushes any
   held-back text in the current mode.
 - Leading newlines right after a tag are kept; presentation trimming is the front end's job.
@@ -43,11 +45,8 @@ class ThinkParser:
         self.tags = tags
         self.thinking = start_in_thinking
         self.blocks_closed = 0
-        self.stray_tags = 0
-        self._held = ""
-        self._firsts = {tags.open[0], tags.close[0]}
-        self._first = tags.open[0] if len(self._firsts) == 1 else None  # "<" for <think>/</think>
-        self._maxlen = max(len(tags.open), len(tags.close))
+        self._held = ""  # a suffix that may be the start of the tag that changes state
+        self._first = tags.open[0] if tags.open[0] == tags.close[0] else ""  # "<" for <think>/</think>
 
     @property
     def mode(self) -> str:
@@ -55,27 +54,25 @@ class ThinkParser:
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         """Consume ``text``; return the pieces that are now certain, in order."""
-        if not self._held and text:
-            # fast path: no tag starts in this text
-            if self._first is not None:
-                if self._first not in text:
-                    return [(THINKING if self.thinking else ANSWER, text)]
-            elif not any(c in text for c in self._firsts):
-                return [(THINKING if self.thinking else ANSWER, text)]
+        if not self._held and text and (self._first or self._tag()[0]) not in text:
+            return [(THINKING if self.thinking else ANSWER, text)]  # fast path: no tag starts here
+        tag = self._tag()  # the one tag that can change state now: the other one is plain text
         buf = self._held + text
         self._held = ""
         out: list[tuple[str, str]] = []
         while buf:
-            pos, tag = self._find_tag(buf)
-            if tag is None:
-                keep = self._partial_suffix(buf)
-                emit = buf[: len(buf) - keep]
+            pos = buf.find(tag)
+            if pos == -1:
+                keep = self._partial_suffix(buf, tag)
+                self._emit(out, buf[: len(buf) - keep])
                 self._held = buf[len(buf) - keep :]
-                self._emit(out, emit)
                 break
             self._emit(out, buf[:pos])
-            self._switch(tag)
             buf = buf[pos + len(tag) :]
+            if self.thinking:
+                self.blocks_closed += 1
+            self.thinking = not self.thinking
+            tag = self._tag()
         return out
 
     def finish(self) -> list[tuple[str, str]]:
@@ -86,38 +83,18 @@ class ThinkParser:
         return out
 
     # -- internals --------------------------------------------------------------------------
-    def _find_tag(self, buf: str) -> tuple[int, str | None]:
-        best, best_tag = -1, None
-        for tag in (self.tags.open, self.tags.close):
-            i = buf.find(tag)
-            if i != -1 and (best == -1 or i < best or (i == best and len(tag) > len(best_tag))):
-                best, best_tag = i, tag
-        return best, best_tag
+    def _tag(self) -> str:
+        return self.tags.close if self.thinking else self.tags.open
 
-    def _partial_suffix(self, buf: str) -> int:
-        """Length of the longest suffix of ``buf`` that is a proper prefix of a tag."""
-        tail = buf[-(self._maxlen - 1) :]
-        if not any(c in tail for c in self._firsts):
-            return 0  # fast path: no tag can start in the tail
-        longest = 0
-        for tag in (self.tags.open, self.tags.close):
-            for n in range(min(len(tag) - 1, len(buf)), longest, -1):
-                if buf.endswith(tag[:n]):
-                    longest = n
-                    break
-        return longest
-
-    def _switch(self, tag: str) -> None:
-        if tag == self.tags.open:
-            if self.thinking:
-                self.stray_tags += 1
-            self.thinking = True
-        else:
-            if not self.thinking:
-                self.stray_tags += 1
-            else:
-                self.blocks_closed += 1
-            self.thinking = False
+    @staticmethod
+    def _partial_suffix(buf: str, tag: str) -> int:
+        """Length of the longest suffix of ``buf`` that is a proper prefix of ``tag``."""
+        if tag[0] not in buf[-(len(tag) - 1) :]:
+            return 0  # fast path: the tag cannot start in the tail
+        for n in range(min(len(tag) - 1, len(buf)), 0, -1):
+            if buf.endswith(tag[:n]):
+                return n
+        return 0
 
     def _emit(self, out: list[tuple[str, str]], text: str) -> None:
         if not text:

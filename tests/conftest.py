@@ -50,8 +50,9 @@ def smollm2_runtime(smollm2):
     rt.close()
 
 
-def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``edge-reason`` in a subprocess, as a user would."""
+def run_cli(*args: str | bytes, input: str | bytes | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``edge-reason`` in a subprocess, as a user would (``input`` as bytes: raw bytes on
+    stdin, and stdout/stderr come back as bytes too)."""
     e = dict(os.environ)
     e.pop("EDGE_DEBUG", None)
     e.update(env or {})
@@ -59,7 +60,7 @@ def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeo
         [sys.executable, "-m", "edge.cli.main", *args],
         input=input,
         capture_output=True,
-        text=True,
+        text=not isinstance(input, bytes),
         env=e,
         timeout=timeout,
         cwd=REPO,

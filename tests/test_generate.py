@@ -102,3 +102,36 @@ def test_streamed_text_equals_parser_and_emitter(pieces, start_in_thinking, stop
     events = list(generate(b, b.tokenize("Q?"), params, start_in_thinking=start_in_thinking))
     got = [(type(e).__name__, e.text) for e in events if isinstance(e, (ThinkingDelta, AnswerDelta))]
     assert merged(got) == merged(reference(b, pieces, start_in_thinking, stop))
+
+
+def spec_events(text, start_in_thinking):
+    """What the loop must stream for ``text`` by the parser's definition (only a tag that changes
+    state is markup; a stray tag is text) and the emitter's (whitespace trimmed at the start of
+    each block; a block of only whitespace is not started)."""
+    out, thinking, i, block = [], start_in_thinking, 0, None
+    while i <= len(text):
+        tag = "</think>" if thinking else "<think>"
+        j = text.find(tag, i)
+        j = len(text) if j == -1 else j
+        kind, piece = ("ThinkingDelta" if thinking else "AnswerDelta"), text[i:j]
+        if kind != block:
+            piece = piece.lstrip()
+            block = kind if piece else block
+        if piece:
+            out.append((kind, piece))
+        i, thinking = j + len(tag), not thinking
+    return merged(out)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES + BYTES), min_size=1, max_size=40), start_in_thinking=st.booleans())
+@example(pieces=["a", "</think>", "b", "</think>", "c"], start_in_thinking=True)  # a literal close tag in the answer
+@example(pieces=["<think>", "a", "<think>", "b", "</think>", "c"], start_in_thinking=False)  # an open tag inside thinking
+@example(pieces=["a", "</th", "ink>", "b", "</th", "ink>", "c"], start_in_thinking=True)
+def test_streamed_text_equals_spec(pieces, start_in_thinking):
+    b = Replay(pieces)
+    params = SamplingParams(temperature=0, max_tokens=len(pieces) + 1)
+    events = list(generate(b, b.tokenize("Q?"), params, start_in_thinking=start_in_thinking))
+    got = [(type(e).__name__, e.text) for e in events if isinstance(e, (ThinkingDelta, AnswerDelta))]
+    text = b"".join(p if isinstance(p, bytes) else p.encode() for p in pieces).decode("utf-8", errors="replace")
+    assert merged(got) == spec_events(text, start_in_thinking)

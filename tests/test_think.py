@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,14 +67,29 @@ def test_one_character_at_a_time_equals_whole(text, start):
     assert joined(chars, ANSWER) == joined(whole, ANSWER)
 
 
+def spec(text, tags=TAGS, start=False):
+    """The parse by its definition, on the whole text: left to right, only the tag that changes
+    state (the closing tag while thinking, the opening tag while answering) is markup."""
+    out, thinking, i = [], start, 0
+    while True:
+        tag = tags.close if thinking else tags.open
+        j = text.find(tag, i)
+        out.append((THINKING if thinking else ANSWER, text[i : j if j != -1 else len(text)]))
+        if j == -1:
+            return out
+        i, thinking = j + len(tag), not thinking
+
+
 @settings(max_examples=1000, deadline=None)
-@given(text=texts)
-def test_no_text_is_lost_but_tags(text):
-    pieces, _ = run([text])
-    body = "".join(t for _, t in pieces)
-    # tags are consumed left to right; text around a removed tag is not parsed again
-    # ("</<think>think>" leaves the text "</think>")
-    assert body == re.sub("<think>|</think>", "", text)
+@given(text=texts, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12), start=st.booleans(), alt=st.booleans())
+def test_parse_equals_spec(text, cuts, start, alt):
+    tags = ALT if alt else TAGS
+    pieces, _ = run(split_at(text, cuts), tags, start)
+    expected = spec(text, tags, start)
+    assert joined(pieces, THINKING) == joined(expected, THINKING)
+    assert joined(pieces, ANSWER) == joined(expected, ANSWER)
+    # nothing is lost but the tags that changed state, and nothing is reordered
+    assert "".join(t for _, t in pieces) == "".join(t for _, t in expected)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +106,14 @@ def test_no_text_is_lost_but_tags(text):
         (["a", "<think>b</think>", "c", "<think>d</think>", "e"], False, "bd", "ace"),  # several blocks
         (["x</thi"], True, "x</thi", ""),  # an incomplete tag at the end is plain text
         (["<thinking>x"], False, "", "<thinking>x"),  # a look-alike is not a tag
+        # a tag that does not change state is text of the stream it appears in
+        (["plan</think>", "Write </think> to close."], True, "plan", "Write </think> to close."),  # literal close tag in the answer
+        (["a</think>b</think>c"], True, "a", "b</think>c"),  # all after the first close is answer (DeepSeek, vLLM)
+        (["answer </think> more"], False, "", "answer </think> more"),  # a close tag with no block open
+        (["<think>", "I write <think> here", "</think>", "ok"], False, "I write <think> here", "ok"),  # open tag inside thinking
+        (["a<th", "ink>b"], True, "a<think>b", ""),  # split across tokens, still text
+        (["x</think>y", "</th", "ink>z"], True, "x", "y</think>z"),  # a split close tag in the answer
+        (["a</think>b<think>c</think>d"], True, "ac", "bd"),  # an opening tag in the answer starts a new block
     ],
 )
 def test_edge_cases(chunks, start, thinking, answer):
@@ -101,18 +122,25 @@ def test_edge_cases(chunks, start, thinking, answer):
     assert joined(pieces, ANSWER) == answer
 
 
-def test_stray_close_tag_is_dropped_and_counted():
-    pieces, p = run(["answer </think> more"])
-    assert joined(pieces, ANSWER) == "answer  more"
-    assert p.stray_tags == 1
-    assert not p.thinking
+def test_stray_close_tag_stays_in_the_answer():
+    pieces, p = run(["answer ", "</think>", " more"])
+    assert pieces == [(ANSWER, "answer "), (ANSWER, "</think>"), (ANSWER, " more")]
+    assert not p.thinking and p.blocks_closed == 0
 
 
-def test_nested_open_tag_is_stray():
+def test_nested_open_tag_stays_in_thinking():
     pieces, p = run(["<think>a<think>b</think>c"])
-    assert joined(pieces, THINKING) == "ab"
-    assert joined(pieces, ANSWER) == "c"
-    assert p.stray_tags == 1 and p.blocks_closed == 1
+    assert pieces == [(THINKING, "a<think>b"), (ANSWER, "c")]
+    assert p.blocks_closed == 1
+
+
+def test_only_the_tag_that_changes_state_is_held_back():
+    answering = ThinkParser()
+    assert answering.feed("x</th") == [(ANSWER, "x</th")]  # cannot be "<think>": shown at once
+    assert answering.feed("y<th") == [(ANSWER, "y")] and answering._held == "<th"
+    thinking = ThinkParser(start_in_thinking=True)
+    assert thinking.feed("x<th") == [(THINKING, "x<th")]  # cannot be "</think>"
+    assert thinking.feed("y</th") == [(THINKING, "y")] and thinking._held == "</th"
 
 
 def test_partial_tag_is_held_back_then_released():

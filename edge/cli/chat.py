@@ -11,6 +11,7 @@ import sys
 import click
 
 from edge.cli.options import model_options, open_runtime, pop_sampling, sampling_options
+from edge.cli.text import TEXT, StdinText
 from edge.control.cli import control_options
 
 HELP = """commands:
@@ -21,10 +22,10 @@ HELP = """commands:
 Ctrl-C stops a reply that is being generated."""
 
 
-def _read(prompt: str) -> str | None:
+def _read(prompt: str, stdin: StdinText) -> str | None:
     sys.stderr.write(prompt)
     sys.stderr.flush()
-    line = sys.stdin.readline()
+    line = stdin.readline()
     if not line:
         return None
     return line.rstrip("\n")
@@ -34,7 +35,7 @@ def _read(prompt: str) -> str | None:
 @model_options
 @sampling_options
 @control_options
-@click.option("--system", default=None, help="System message.")
+@click.option("--system", type=TEXT, default=None, help="System message.")
 @click.option("--hide-thinking", is_flag=True, help="Print a one-line summary instead of the reasoning.")
 @click.option("--no-think", is_flag=True, help="Skip thinking.")
 def chat(system: str | None, hide_thinking: bool, no_think: bool, **kw) -> None:
@@ -47,6 +48,7 @@ def chat(system: str | None, hide_thinking: bool, no_think: bool, **kw) -> None:
     controllers = build_controllers(pop_control(kw))  # validated before the model loads
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     last = None
+    stdin = StdinText()  # invalid UTF-8 in a line becomes U+FFFD (one warning per session)
     bundled = kw.get("model") is None
     with open_runtime(kw) as rt:
         name = rt.backend.info.extra.get("model_name") or rt.backend.info.model_path
@@ -57,7 +59,7 @@ def chat(system: str | None, hide_thinking: bool, no_think: bool, **kw) -> None:
             click.echo(f"({DEFAULT_MODEL_HINT})", err=True)
         while True:
             try:
-                line = _read(">>> ")
+                line = _read(">>> ", stdin)
             except KeyboardInterrupt:
                 click.echo("\n(Ctrl-D or /exit to leave)", err=True)
                 continue

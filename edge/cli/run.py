@@ -8,16 +8,17 @@ import sys
 import click
 
 from edge.cli.options import model_options, open_runtime, pop_sampling, sampling_options
+from edge.cli.text import TEXT, StdinText
 from edge.control.cli import control_options
 from edge.errors import PromptError
 
 
 @click.command()
-@click.argument("prompt", required=False)
+@click.argument("prompt", required=False, type=TEXT)
 @model_options
 @sampling_options
 @control_options
-@click.option("--system", default=None, help="System message.")
+@click.option("--system", type=TEXT, default=None, help="System message.")
 @click.option("--hide-thinking", is_flag=True, help="Print a one-line summary instead of the reasoning.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with answer, reasoning and stats.")
 @click.option("--no-think", is_flag=True, help="Skip thinking (close the think block in the prompt).")
@@ -26,7 +27,7 @@ def run(prompt: str | None, system: str | None, hide_thinking: bool, as_json: bo
     from edge.control.cli import build_controllers, pop_control
 
     if prompt is None or prompt == "-":
-        prompt = "" if sys.stdin.isatty() else sys.stdin.read()
+        prompt = "" if sys.stdin.isatty() else StdinText().read()
     if not prompt.strip():
         raise PromptError("the prompt is empty: pass some text, e.g. edge-reason run \"What is 2+2?\"")
     params = pop_sampling(kw)

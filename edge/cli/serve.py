@@ -23,6 +23,8 @@ from edge.cli.options import MODEL_KEYS, check_device, model_options
 @click.option("--default-max-tokens", type=int, default=2048, show_default=True, help="max_tokens when a request gives none.")
 @click.option("--max-queue", type=int, default=8, show_default=True, help="Requests that may wait for the model (503 + Retry-After beyond).")
 @click.option("--max-body", "max_body_bytes", type=int, default=1 << 20, show_default=True, help="Largest request body in bytes (413 beyond).")
+@click.option("--body-timeout", "body_timeout_s", type=float, default=30.0, show_default=True,
+              help="Seconds a request body may take to arrive (408 and the connection closed beyond).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(chat_template_file: str | None, **kw) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health for one model."""

@@ -16,7 +16,7 @@ serving health checks and other clients. A client that disconnects - while waiti
 its reply streams - sets the generation's cancel event; the generator stops at its next token.
 
 The request's ``model`` is accepted and not checked: a server holds one model (its id is in
-``/v1/models``). Greedy one-token completions asking for logprobs (what the remote backend
+``/v1/models``), which serves every request, and every response's ``model`` names it. Greedy one-token completions asking for logprobs (what the remote backend
 sends for every token) take a fast path, :meth:`Runtime.next_token_logprobs`, which scores the
 prompt without committing a token.
 
@@ -73,8 +73,10 @@ def domain_error(exc: EdgeError) -> ApiError:
     return ApiError(400, str(exc))
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing bodies above ``limit`` bytes (413) and bad JSON (400)."""
+async def read_json(request: Request, limit: int, timeout: float | None = None) -> Any:
+    """The request body as JSON, refusing bodies above ``limit`` bytes (413), bodies that have
+    not all arrived ``timeout`` seconds after the headers (408, and the connection is closed:
+    the rest may still come) and bad JSON (400)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -83,17 +85,65 @@ async def read_json(request: Request, limit: int) -> Any:
             raise bad(None, "the Content-Length header is not a number", "invalid_request") from None
         if size > limit:
             raise ApiError(413, f"the request body is {size} bytes; this server accepts at most {limit}", code="request_too_large")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes, the most this server accepts", code="request_too_large")
+
+    async def receive() -> bytearray:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise ApiError(413, f"the request body is over {limit} bytes, the most this server accepts", code="request_too_large")
+        return data
+
+    try:
+        data = await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        expected = f" of the {declared} announced" if declared is not None else ""
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {timeout:g} s{expected}; send the whole body at once",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None
     if not data.strip():
         raise bad(None, "the request body is empty; send a JSON object", "invalid_json")
     try:
-        return json.loads(bytes(data))
+        body = json.loads(bytes(data))
     except (ValueError, RecursionError) as exc:
         raise bad(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+    if b"\\u" in data or b"\xed" in data:  # how a lone surrogate gets in: an escape or CESU-8 bytes
+        where = lone_surrogate(body)
+        if where is not None:
+            raise bad(where or None, f"{repr(where) if where else 'the body'} holds a lone UTF-16 surrogate, which is not text; "
+                      "send valid Unicode (a character beyond U+FFFF is one escape pair, e.g. \\ud83d\\ude00)", "invalid_unicode")
+    return body
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The path of the first string (or key) in a JSON value that holds a lone surrogate
+    (``messages[0].content``; ``""`` for the value itself), else None."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            if not _is_text(v):
+                return path
+        elif isinstance(v, dict):
+            for k, item in reversed(v.items()):
+                name = k if _is_text(k) else k.encode("utf-8", "backslashreplace").decode("ascii")
+                if name is not k:
+                    return f"{path}.{name}" if path else name
+                stack.append((item, f"{path}.{k}" if path else k))
+        elif isinstance(v, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(v))))
+    return None
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _EventStream(StreamingResponse):
@@ -154,6 +204,9 @@ class EdgeServer:
                 return error_response(exc)
 
         return handle
+
+    async def _read_json(self, request: Request) -> Any:
+        return await read_json(request, self.config.max_body_bytes, self.config.body_timeout_s)
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         return error_response(ApiError(404, f"no route {request.url.path}", code="not_found"))
@@ -236,7 +289,7 @@ class EdgeServer:
             return list(raw)
 
     async def tokenize(self, request: Request) -> Response:
-        body = await read_json(request, self.config.max_body_bytes)
+        body = await self._read_json(request)
         if not isinstance(body, dict):
             raise bad(None, "the request body must be a JSON object", "invalid_type")
         text = text_field(body, "content")
@@ -251,7 +304,7 @@ class EdgeServer:
         return JSONResponse({"tokens": ids})
 
     async def detokenize(self, request: Request) -> Response:
-        body = await read_json(request, self.config.max_body_bytes)
+        body = await self._read_json(request)
         if not isinstance(body, dict):
             raise bad(None, "the request body must be a JSON object", "invalid_type")
         ids = token_list(body)
@@ -272,10 +325,10 @@ class EdgeServer:
 
     # -- generation --------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, parse_chat(await read_json(request, self.config.max_body_bytes), self.config.limits))
+        return await self._generate(request, parse_chat(await self._read_json(request), self.config.limits))
 
     async def completions(self, request: Request) -> Response:
-        return await self._generate(request, parse_completion(await read_json(request, self.config.max_body_bytes), self.config.limits))
+        return await self._generate(request, parse_completion(await self._read_json(request), self.config.limits))
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         """Render and tokenize the prompt now, so a bad one is a 400 before any streaming."""

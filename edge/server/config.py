@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import math
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class ServerConfig:
     model_id: str | None = None
     reasoning_format: str = "deepseek"
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this (else 408)
     max_tokens_limit: int = 8192
     default_max_tokens: int = 2048
     max_queue: int = 8
@@ -38,6 +40,8 @@ class ServerConfig:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"the body limit must be >= 1024 bytes, got {self.max_body_bytes}")
+        if not 0 < self.body_timeout_s < math.inf:
+            raise ConfigError(f"the body timeout must be a finite number of seconds > 0, got {self.body_timeout_s}")
         if self.max_tokens_limit < 1:
             raise ConfigError(f"the max_tokens limit must be >= 1, got {self.max_tokens_limit}")
         if self.default_max_tokens < 1:

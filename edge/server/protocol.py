@@ -20,6 +20,9 @@ Fields beyond OpenAI's (all optional):
   reasoning for instruct models (see :mod:`edge.reasoning`; default: ``serve --reasoning-prompt``);
 - ``top_k``, ``min_p``, ``repeat_penalty`` (llama-server style sampling extras);
 - ``return_tokens_as_token_ids`` (vLLM style): logprob tokens are written ``token_id:N``.
+
+A message with role ``developer`` (what current OpenAI clients send in place of ``system``) is
+a system message.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from edge.params import SamplingParams
 
 REASONING_FORMATS = ("deepseek", "inline", "none")
 EFFORT_ALIASES = {"minimal": "low", "none": "off"}
+ROLE_ALIASES = {"developer": "system"}  # current OpenAI clients send "developer" in place of "system"
 EARLY_EXIT_KEYS = ("threshold", "mode", "confidence", "k", "min_thinking", "min_gap", "gate", "window", "max_probes", "probe_max_tokens")
 MAX_STOP = 4
 MAX_LOGPROBS = 20
@@ -295,7 +299,7 @@ def _messages(body: dict) -> list[dict[str, Any]]:
         role = m.get("role")
         if not isinstance(role, str):
             raise bad(f"messages[{i}].role", "each message needs a string 'role'", "invalid_type")
-        out.append({"role": role, "content": _content(m.get("content"), i)})
+        out.append({"role": ROLE_ALIASES.get(role, role), "content": _content(m.get("content"), i)})
     return out
 
 
