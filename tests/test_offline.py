@@ -1,0 +1,147 @@
+"""Offline early exit: one oracle run replays any exit rule exactly; statistics and calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from edge.benchmarks import harness, offline
+from edge.benchmarks.tasks import load_task
+from edge.control.early_exit import Calibration, EarlyExit
+from edge.errors import ConfigError
+from edge.params import SamplingParams
+from edge.runtime import Runtime, collect
+
+GREEDY = SamplingParams(temperature=0, top_p=1.0, max_tokens=600)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    rt = Runtime(None, n_ctx=1024, threads=1, device="cpu")
+    yield rt
+    rt.close()
+
+
+def test_replay_of_the_oracle_run_equals_live_early_exit(tiny):
+    """Under greedy decoding an exit at probe i is the oracle trace up to probe i plus the probe's
+    answer: the replay gives the live run's thinking tokens, probe tokens and correctness."""
+    items = [i for i in load_task("tiny-r1") if i.level in (2, 5, 8)][::25][:6] + load_task("tiny-r1-stress")[::40][:2]
+    oracle = harness.evaluate(tiny, items, harness.parse_policies("oracle"), GREEDY)
+    cal = Calibration((-2.0, 0.8, 1.5, 1.0))
+    rules = [(EarlyExit(threshold=t), offline.confidence_rule(t)) for t in (0.5, 0.9, 0.999)]
+    rules.append((EarlyExit(mode="consistency", k=2), offline.consistency_rule(2)))
+    rules.append((EarlyExit(mode="calibrated", calibration=cal, threshold=0.7), offline.calibrated_rule(cal, 0.7)))
+    exits = 0
+    for live_ctl, rule in rules:
+        for item, rec in zip(items, oracle):
+            reply = collect(tiny.chat([{"role": "user", "content": item.prompt}], GREEDY, controllers=[live_ctl]))
+            sim = offline.replay(rec, rule)
+            assert sim["thinking_tokens"] == reply.stats.thinking_tokens, (item.id, live_ctl)
+            assert sim["probe_tokens"] == reply.stats.probe_tokens
+            live_correct = harness.score(reply.answer or reply.reasoning[-200:], item)[1]
+            assert sim["correct"] == live_correct, (item.id, sim, reply.answer)
+            exits += sim["exited"]
+    assert exits > 0
+
+
+def test_statistics():
+    lo, hi = offline.wilson(8, 10)
+    assert (round(lo, 3), round(hi, 3)) == (0.490, 0.943)
+    assert offline.wilson(0, 50)[0] == 0.0 and 0.06 < offline.wilson(0, 50)[1] < 0.08
+    base = [True] * 10
+    assert offline.mcnemar(base, [False] * 5 + [True] * 5) == pytest.approx(2 / 32)  # 5 discordant, all one way
+    assert offline.mcnemar(base, base) == 1.0
+    assert offline.mcnemar([True, False] * 5, [False, True] * 5) == 1.0  # 5 each way
+
+
+def synthetic_runs(n: int, seed: int) -> list[dict]:
+    """Oracle-like records whose probe correctness follows a known logistic model of confidence."""
+    rng = np.random.default_rng(seed)
+    recs = []
+    for i in range(n):
+        trials, at = [], 0
+        for _ in range(rng.integers(1, 6)):
+            at += int(rng.integers(10, 40))
+            z = rng.normal(0, 2)
+            conf = 1 / (1 + math.exp(-z))
+            right = rng.random() < 1 / (1 + math.exp(-(1.5 * z - 1.0)))  # over-confident: true logit 1.5z - 1
+            trials.append([at, "7" if right else str(rng.integers(100)), conf, 5, True])
+        recs.append({"id": f"s{i}", "policy": "oracle", "gold": "7", "pred": "7", "correct": True,
+                     "thinking_tokens": at + 20, "trials": trials})
+    return recs
+
+
+def test_calibration_recovers_a_known_model_and_lowers_ece():
+    recs = synthetic_runs(600, 0)
+    cal = offline.fit_calibration(recs)
+    assert cal.weights[1] == pytest.approx(1.5, abs=0.25) and cal.weights[0] == pytest.approx(-1.0, abs=0.35)
+    rep = offline.calibration_report(synthetic_runs(400, 1), cal)
+    assert rep["ece_calibrated"] < 0.05 < rep["ece_raw"]
+    assert Calibration.from_dict(cal.to_dict()) == Calibration(cal.weights, cal.source)
+    with pytest.raises(ConfigError):
+        Calibration.from_dict({"weights": [1, 2]})
+    with pytest.raises(ConfigError):
+        EarlyExit(mode="calibrated")
+
+
+def test_one_class_validation_gives_a_constant_rate():
+    recs = synthetic_runs(5, 2)
+    for r in recs:
+        r["trials"] = [[t[0], "7", t[2], t[3], t[4]] for t in r["trials"]]
+    cal = offline.fit_calibration(recs)
+    assert cal.weights[1:] == (0.0, 0.0, 0.0) and 0.9 < 1 / (1 + math.exp(-cal.weights[0])) < 1
+
+
+def test_analysis_chooses_on_validation_and_reports_on_test(tmp_path):
+    recs = synthetic_runs(120, 3)
+    res = offline.analyse(recs, 60, label="synthetic")
+    assert res["validation"] == 60 and res["test"] == 60
+    names = [r["policy"] for r in res["rows"]]
+    assert names[0] == "unlimited" and all(n.endswith("(val)") for n in names[1:])
+    md = offline.markdown(res["rows"])
+    assert md.count("\n") == len(res["rows"]) + 2
+
+
+def test_replay_equals_live_on_a_multi_step_scripted_trace():
+    """tiny-r1 has one probe point per problem; a scripted model with many steps and drifting
+    trial answers exercises agreement streaks and the calibrated gate."""
+    from tests.scripted import ScriptedBackend
+
+    from edge.benchmarks.tasks import Item
+
+    tpl = "{% for m in messages %}{{ m['content'] }}{% endfor %}<think>\n"
+    script = [p for i in range(8) for p in (f"Step {i}.", "\n\n")] + ["</think>"]
+    answers = {0: ("3", 0.5), 1: ("5", 0.8), 2: ("7", 0.7), 3: ("7", 0.9), 4: ("7", 0.6), 5: ("8", 0.97), 6: ("7", 0.99)}
+
+    def trial(n):  # the answer a probe gives after n script tokens
+        return answers.get(n // 2 - 1, ("7", 0.995))
+
+    rt = Runtime(backend=ScriptedBackend(script, "\n\n**Final Answer**\n\\boxed{7}", trial=trial, chat_template=tpl))
+    item = Item("s", "What is x?", "7")
+    (rec,) = harness.evaluate(rt, [item], harness.parse_policies("oracle"), GREEDY)
+    assert len(rec["trials"]) >= 6
+    cal = Calibration((-3.0, 0.5, 1.2, 0.5))
+    cases = [(EarlyExit(mode="consistency", k=k), offline.consistency_rule(k)) for k in (2, 3, 4)]
+    cases += [(EarlyExit(threshold=t), offline.confidence_rule(t)) for t in (0.75, 0.95)]
+    cases += [(EarlyExit(mode="calibrated", calibration=cal, threshold=t), offline.calibrated_rule(cal, t)) for t in (0.3, 0.6)]
+    seen = set()
+    for ctl, rule in cases:
+        reply = collect(rt.chat([{"role": "user", "content": item.prompt}], GREEDY, controllers=[ctl]))
+        sim = offline.replay(rec, rule)
+        assert (sim["thinking_tokens"], sim["probe_tokens"]) == (reply.stats.thinking_tokens, reply.stats.probe_tokens), ctl
+        assert sim["pred"] == (reply.answer.split("{")[-1].rstrip("}") if sim["exited"] else sim["pred"])
+        seen.add(sim["thinking_tokens"])
+    assert len(seen) >= 4  # the rules exit at different points
+
+
+def test_probe_features():
+    from edge.control.early_exit import probe_features
+
+    t = lambda a, c=0.5, f=True: {"answer": a, "confidence": c, "finished": f}  # noqa: E731
+    assert probe_features([t("7", 0.5)]) == [1.0, 0.0, 0.0, 1.0]
+    assert probe_features([t("3"), t("7"), t("7"), t("7", f=False)])[2:] == [2.0, 0.0]
+    assert probe_features([t("7")] * 9)[2] == 3.0  # capped
+    assert probe_features([t(""), t("")])[2] == 0.0  # an empty answer agrees with nothing
+    assert probe_features([t("7", 1.0)])[1] == pytest.approx(math.log(1e6), rel=1e-3)
