@@ -47,7 +47,7 @@ def sampling_options(f: Callable) -> Callable:
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
         click.option("--min-p", type=float, default=0.0, show_default=True),
         click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Sampling seed (runs are reproducible with one)."),
+        click.option("--seed", type=int, default=None, help="Sampling seed (runs are reproducible with one); -1 or none = random, as in llama.cpp."),
         click.option("--max-tokens", type=int, default=4096, show_default=True, help="Cap on generated tokens (thinking + answer)."),
     ]
     for o in reversed(opts):
