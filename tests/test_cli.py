@@ -113,6 +113,12 @@ def test_seed_minus_one_is_random_other_negative_seeds_are_one_line(cli, smollm2
     assert "-1 or none = random" in " ".join(cli("run", "--help").stdout.split())
 
 
+def test_more_threads_than_cpus_is_one_line(cli, smollm2):
+    r = cli("run", "hi", "-m", str(smollm2), "--threads", "100000")
+    _assert_one_line_error(r, "100000 threads is more than the", "logical CPUs")
+    assert r.returncode == 2  # a refusal, not a crash (was a segfault: 139)
+
+
 def test_edge_debug_shows_the_traceback(cli, tmp_path):
     r = cli("run", "hi", "-m", str(tmp_path / "nope.gguf"), env={"EDGE_DEBUG": "1"})
     assert r.returncode != 0 and "Traceback" in r.stderr and "ModelNotFoundError" in r.stderr

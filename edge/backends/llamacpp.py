@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from edge.backends.base import BackendInfo
-from edge.backends.cpu import default_threads
+from edge.backends.cpu import check_threads, default_threads
 from edge.backends.devices import LLAMACPP_DEVICES
 from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
 
@@ -168,8 +168,7 @@ class LlamaCppBackend:
     ) -> None:
         if n_ctx is not None and n_ctx < 16:
             raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
-        if threads is not None and threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {threads}")
+        check_threads(threads)
         path = check_gguf_file(model)
         if n_ctx is None:
             # default: 4096, or less when the model was trained for less

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edge.backends.base import BackendInfo
-from edge.backends.cpu import default_threads
+from edge.backends.cpu import check_threads, default_threads
 from edge.backends.devices import ONNX_DEVICES, ONNX_PROVIDERS
 from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
 
@@ -215,8 +215,7 @@ class OnnxBackend:
     ) -> None:
         if n_ctx is not None and n_ctx < 16:
             raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
-        if threads is not None and threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {threads}")
+        check_threads(threads)
         if n_batch < 1:
             raise ConfigError(f"n_batch must be >= 1, got {n_batch}")
         self._sess = None
