@@ -57,7 +57,7 @@ def run_loop_cost(model: str | None = None, *, tokens: int = 256, repeats: int =
     from edge.runtime import Runtime
     from edge.templates import thinking_open
 
-    with Runtime(model, n_ctx=2048, threads=1, device="cpu") as rt:
+    with Runtime(model, threads=1, device="cpu") as rt:  # the model's default context (tiny-r1: its 1024)
         prompt = rt.render([{"role": "user", "content": PROMPT}])
         ids = rt.tokenize_prompt(prompt)
         b = rt.backend

@@ -68,7 +68,7 @@ def edge_runtime(rt, prompt: str, tokens: int, controllers_factory=None) -> tupl
     return (n - 1) / (s.total_seconds - s.time_to_first_token), list(rt.backend.tokens[s.prompt_tokens :])
 
 
-def run_overhead(model: str, *, threads: int = 2, tokens: int = 128, repeats: int = 5, n_ctx: int = 2048, controllers_factory=None) -> dict:
+def run_overhead(model: str, *, threads: int = 2, tokens: int = 128, repeats: int = 5, n_ctx: int | None = None, controllers_factory=None) -> dict:
     import llama_cpp
 
     from edge.runtime import Runtime

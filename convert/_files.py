@@ -1,14 +1,40 @@
-"""Output files that appear whole or not at all."""
+"""Output files that appear whole or not at all.
+
+Work in progress is written to a hidden part file next to the output, ``.NAME.PID-XXXX.part``
+(a folder for ONNX exports), and renamed to NAME only when complete. The part file goes away
+whatever happens to the writer:
+
+- an exception, Ctrl-C (SIGINT) or SIGTERM / SIGHUP (turned into :class:`Terminated` while a
+  part file exists, when the process had no handler of its own): removed on the way out;
+- ``kill -9``, a crash, a power cut: nothing can run then, so the next conversion to the same
+  output removes the part files whose writer (the PID in the name) is no longer alive.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from edge.errors import ConversionError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived during a conversion: unwinds like Ctrl-C (part files removed),
+    then exits with 128 + the signal number, as the default action would."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
 
 
 def check_output(out: str | Path, *, force: bool) -> Path:
@@ -23,25 +49,119 @@ def check_output(out: str | Path, *, force: bool) -> Path:
     return path
 
 
+# -- signals -----------------------------------------------------------------------------------
+_TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[None]:
+    """While inside: SIGTERM/SIGHUP raise :class:`Terminated` (so ``finally`` blocks run) instead
+    of killing the process on the spot. Only in the main thread, and only for signals still at
+    their default action: an application's own handlers are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {}
+    for sig in _TERMINATING:
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            saved[sig] = signal.signal(sig, _raise_terminated)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+# -- part files ----------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        try:
+            import psutil
+        except ImportError:
+            return True  # cannot tell: keep the file
+        return psutil.pid_exists(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def part_prefix(stem: str) -> str:
+    """Part files for output ``stem`` written by this process start with this."""
+    return f".{stem}.{os.getpid()}-"
+
+
+def remove_stale_parts(directory: Path, stem: str) -> list[Path]:
+    """Remove part files (or folders) for output ``stem`` in ``directory`` left by writers that
+    are gone (their PID is not alive); returns what was removed."""
+    pattern = re.compile(rf"\.{re.escape(stem)}\.(\d+)-[^/]*\.part$")
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("could not remove the stale part file %s: %s", entry, exc)
+            continue
+        logger.info("removed %s, left by an interrupted conversion (process %s)", entry.name, m.group(1))
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def temp_path(directory: Path, stem: str, suffix: str = ".part") -> Iterator[Path]:
-    """A fresh, hidden path in ``directory``, removed on exit whatever happened."""
-    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=suffix)
-    os.close(fd)
-    path = Path(name)
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    """A fresh, hidden part file in ``directory``, removed on exit whatever happened (SIGTERM
+    included); stale ones for the same ``stem`` are removed first."""
+    remove_stale_parts(directory, stem)
+    with signals_unwind():
+        fd, name = tempfile.mkstemp(dir=directory, prefix=part_prefix(stem), suffix=suffix)
+        os.close(fd)
+        path = Path(name)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+@contextlib.contextmanager
+def temp_dir(directory: Path, stem: str, suffix: str = ".part") -> Iterator[Path]:
+    """Like :func:`temp_path`, for a part folder."""
+    remove_stale_parts(directory, stem)
+    with signals_unwind():
+        path = Path(tempfile.mkdtemp(dir=directory, prefix=part_prefix(stem), suffix=suffix))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``out``; move it to ``out`` only if the block succeeds.
 
-    On any error, KeyboardInterrupt included, the temporary file is removed and ``out`` is left
-    as it was.
+    On any error, KeyboardInterrupt and SIGTERM included, the temporary file is removed and
+    ``out`` is left as it was.
     """
     with temp_path(out.parent, out.name) as tmp:
         yield tmp

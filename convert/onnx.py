@@ -95,6 +95,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from edge.convert._files import temp_dir
 from edge.convert.hf import Checkpoint, resolve_source
 from edge.convert.verify import Thresholds, VerifyReport
 from edge.errors import ConfigError, ConversionError, InvalidModelError, ModelNotFoundError, OutputExistsError
@@ -526,9 +527,9 @@ def _check_out_dir(out_dir: str | Path, *, force: bool) -> Path:
 
 @contextlib.contextmanager
 def _atomic_dir(out: Path) -> Iterator[Path]:
-    """A temporary folder next to ``out``, renamed to ``out`` only if the block succeeds."""
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
-    try:
+    """A temporary folder next to ``out``, renamed to ``out`` only if the block succeeds (removed
+    otherwise, SIGTERM included; see :mod:`edge.convert._files`)."""
+    with temp_dir(out.parent, out.name) as tmp:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
@@ -539,8 +540,6 @@ def _atomic_dir(out: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

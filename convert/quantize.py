@@ -8,9 +8,9 @@ length is not a multiple of the block size fall back to a type llama.cpp picks).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -75,59 +75,39 @@ def _llama_cpp():
     return llama_cpp
 
 
-@contextlib.contextmanager
-def _llama_log_unfiltered():
-    """Let every llama.cpp log line through its Python callback (we capture and sort them)."""
-    from llama_cpp import _logger
-
-    before = _logger.logger.level
-    _logger.logger.setLevel(logging.DEBUG)
-    try:
-        yield
-    finally:
-        _logger.logger.setLevel(before)
-
-
-@contextlib.contextmanager
-def _native_output_captured(lines: list[str]):
-    """Collect what native code writes to fds 1 and 2 (it bypasses Python's streams) into ``lines``."""
-    with tempfile.TemporaryFile() as sink:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        saved = os.dup(1), os.dup(2)
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            sink.seek(0)
-            lines.extend(sink.read().decode("utf-8", "replace").splitlines())
-
-
 def quantize_file(src: Path, dst: Path, quant: str, *, nthread: int | None = None) -> None:
-    """Run llama.cpp's quantizer: ``src`` (an unquantized GGUF) -> ``dst``. No path checks."""
-    import ctypes
+    """Run llama.cpp's quantizer: ``src`` (an unquantized GGUF) -> ``dst``. No path checks.
 
+    ``llama_model_quantize`` is one C call that no signal interrupts, so it runs in a child
+    process (:mod:`edge.convert._quantize_child`): Ctrl-C or SIGTERM here kills the child at
+    once and the exception goes on (the caller's part file is then removed).
+    """
     llama_cpp = _llama_cpp()
     name = normalize_quant(quant)
     suffix = QUANTIZED_TYPES.get(name) or DIRECT_TYPES[name][1]
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{suffix}", None)
     if ftype is None:
         raise ConversionError(f"this llama-cpp-python build has no LLAMA_FTYPE_{suffix}; upgrade it for {name}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = nthread or (os.cpu_count() or 1)
-    log: list[str] = []
-    with _llama_log_unfiltered(), _native_output_captured(log):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    cmd = [sys.executable, "-m", "edge.convert._quantize_child", str(src), str(dst), str(int(ftype)), str(nthread or os.cpu_count() or 1)]
+    with tempfile.TemporaryFile() as sink:
+        # its own session: a Ctrl-C at the terminal reaches this process only, which decides
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=os.name == "posix")
+        try:
+            rc = proc.wait()
+        finally:
+            if proc.returncode is None:  # interrupted: stop the quantizer now, then go on unwinding
+                proc.kill()
+                proc.wait()
+            proc.stdin.close()
+        sink.seek(0)
+        log = sink.read().decode("utf-8", "replace").splitlines()
     for line in log:
         logger.debug("llama.cpp: %s", line)
     if rc != 0:
         detail = next((ln.strip() for ln in reversed(log) if ln.strip()), "no message")
+        if rc < 0:
+            detail = f"the quantizer was killed by signal {-rc}"
         raise ConversionError(f"llama.cpp failed to quantize {src.name} to {name}: {detail}")
     # Rows that do not fit a type's block size get another type; say so once.
     for line in log:

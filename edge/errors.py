@@ -26,7 +26,13 @@ class PromptError(EdgeError, ValueError):
 
 
 class ConfigError(EdgeError, ValueError):
-    """An option has a bad value (unknown device, negative budget, threshold outside [0, 1], ...)."""
+    """An option has a bad value (unknown device, negative budget, threshold outside [0, 1], ...).
+
+    ``param`` names the option when one is to blame (the server answers it as the 400's param)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class BackendError(EdgeError, RuntimeError):

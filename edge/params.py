@@ -1,10 +1,85 @@
-"""One sampling/generation parameter object, passed down every layer unchanged."""
+"""One sampling/generation parameter object, passed down every layer unchanged.
+
+Every value is checked here and nowhere else: the CLI options, the server's request fields and
+the Python API all build a :class:`SamplingParams`, so a bad value (NaN, infinity, out of range,
+wrong type) is the same :class:`~edge.errors.ConfigError` wherever it came from, with the field
+named in ``.param``.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, replace
 
 from edge.errors import ConfigError
+
+RANDOM_SEED = -1
+"""``seed=-1`` asks for a random seed, as in llama.cpp (the same as ``seed=None``)."""
+
+MAX_SEED = 2**64 - 1
+
+
+def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def check_real(name: str, value: object, lo: float | None = None, hi: float | None = None, *,
+               lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` as a finite float within the bounds, else a ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a number, got {value!r}", param=name)
+    v = float(value)
+    if not math.isfinite(v):
+        raise ConfigError(f"{name} must be a finite number, got {v}", param=name)
+    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and (v > hi or (hi_open and v == hi))):
+        raise ConfigError(f"{name} must be {_interval(lo, hi, lo_open, hi_open)}, got {value}", param=name)
+    return v
+
+
+def check_int(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` as an int within [lo, hi] (a float with no fraction counts), else a ConfigError."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer, got {value!r}", param=name)
+    v = int(value)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ConfigError(f"{name} must be {_interval(lo, hi, False, False)}, got {v}", param=name)
+    return v
+
+
+def check_seed(value: object) -> int | None:
+    """A sampling seed: an integer >= 0, or None / -1 for a random one (as llama.cpp)."""
+    if value is None:
+        return None
+    seed = check_int("seed", value)
+    if seed == RANDOM_SEED:
+        return None
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in [0, 2**64 - 1], or -1 for a random seed; got {seed}", param="seed")
+    return seed
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}", param=name)
+    return value
+
+
+def _check_stop(value: object) -> tuple[str, ...]:
+    stop = (value,) if isinstance(value, str) else value
+    try:
+        stop = tuple(stop)  # type: ignore[arg-type]
+    except TypeError:
+        stop = None
+    if stop is None or not all(isinstance(s, str) for s in stop):
+        raise ConfigError(f"stop must be a string or a list of strings, got {value!r}", param="stop")
+    return stop
 
 
 @dataclass(frozen=True)
@@ -12,7 +87,8 @@ class SamplingParams:
     """How tokens are chosen and how long generation may run.
 
     ``temperature == 0`` means greedy decoding. ``max_tokens`` bounds every generated token
-    (thinking and answer); thinking-specific limits live in the budget controllers.
+    (thinking and answer); thinking-specific limits live in the budget controllers. ``seed``
+    None or -1 draws a random seed; ``repeat_last_n`` -1 looks at the whole history.
     """
 
     temperature: float = 0.6
@@ -29,24 +105,22 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 <= self.min_p < 1:
-            raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repeat_penalty <= 0:
-            raise ConfigError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
-        if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.top_logprobs < 0 or self.top_logprobs > 20:
-            raise ConfigError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
+        checked = {
+            "temperature": check_real("temperature", self.temperature, 0.0),
+            "top_p": check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True),
+            "top_k": check_int("top_k", self.top_k, 0),
+            "min_p": check_real("min_p", self.min_p, 0.0, 1.0, hi_open=True),
+            "repeat_penalty": check_real("repeat_penalty", self.repeat_penalty, 0.0, lo_open=True),
+            "repeat_last_n": check_int("repeat_last_n", self.repeat_last_n, -1),
+            "seed": check_seed(self.seed),
+            "max_tokens": check_int("max_tokens", self.max_tokens, 1),
+            "stop": _check_stop(self.stop),
+            "top_logprobs": check_int("top_logprobs", self.top_logprobs, 0, 20),
+            "logprobs": _check_bool("logprobs", self.logprobs),
+            "ignore_eos": _check_bool("ignore_eos", self.ignore_eos),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     @property
     def greedy(self) -> bool:

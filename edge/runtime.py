@@ -10,8 +10,8 @@
 
 One runtime owns one backend; calls from several threads are serialised by a lock, and a
 ``threading.Event`` passed as ``cancel`` stops a generation from another thread (checked
-before every token; the stream then ends with ``Done`` whose ``finish_reason`` is
-``"cancelled"``).
+before every token, and every few milliseconds while the call waits for the lock; the stream
+then ends with ``Done`` whose ``finish_reason`` is ``"cancelled"``).
 
 Async apps use :meth:`Runtime.achat` / :meth:`Runtime.acomplete`: the same events, produced by
 a worker thread and handed over through an asyncio queue, so the event loop never blocks on
@@ -61,6 +61,9 @@ class _LinkedCancel(threading.Event):
 
 
 _END = object()
+
+LOCK_POLL_S = 0.02
+"""How often a call waiting for the runtime lock looks at its ``cancel`` event."""
 
 
 class _Failure:
@@ -286,9 +289,12 @@ class Runtime:
         params = params or SamplingParams()
 
         def run() -> Iterator[Event]:
-            with self._lock:
+            if not self._acquire(cancel):  # cancelled while another call was generating
+                yield Done(Stats(finish_reason="cancelled", exit_reason="cancelled"))
+                return
+            try:
                 self._check_open()
-                if cancel is not None and cancel.is_set():  # cancelled while waiting for the lock
+                if cancel is not None and cancel.is_set():  # cancelled before it started
                     yield Done(Stats(finish_reason="cancelled", exit_reason="cancelled"))
                     return
                 tokens = self.tokenize_prompt(text) if ids is None else ids
@@ -303,8 +309,20 @@ class Runtime:
                     cancel=cancel,
                     cache=self._prompt_cache,
                 )
+            finally:
+                self._lock.release()
 
         return run()
+
+    def _acquire(self, cancel: threading.Event | None) -> bool:
+        """Take the runtime lock, or give up (False) as soon as ``cancel`` is set while waiting:
+        a cancelled call must not sit behind another call's whole generation."""
+        if cancel is None:
+            return self._lock.acquire()
+        while not self._lock.acquire(timeout=LOCK_POLL_S):
+            if cancel.is_set():
+                return False
+        return True
 
     def next_token_logprobs(self, prompt: Sequence[int], top: int = 20) -> list[tuple[int, float]]:
         """The ``top`` most likely next tokens after ``prompt`` (token ids) with their

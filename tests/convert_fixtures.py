@@ -180,3 +180,45 @@ def build_checkpoint(folder: Path, spec: TinySpec) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(folder)
     return folder
+
+
+def write_random_llama_gguf(path: Path, *, hidden: int = 1024, ffn: int = 4096, layers: int = 2, vocab: int = 256,
+                            heads: int = 8) -> Path:
+    """An f32 Llama GGUF of random weights and no tokenizer: what llama.cpp's quantizer needs and
+    no more, large enough (~135 MB by default) that quantizing it takes seconds, so a test can
+    interrupt it midway. Not loadable as a chat model."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(512)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    rng = np.random.default_rng(0)
+
+    def tensor(name: str, *shape: int) -> None:
+        w.add_tensor(name, rng.standard_normal(shape, dtype=np.float32) if len(shape) > 1 else np.ones(shape, np.float32))
+
+    tensor("token_embd.weight", vocab, hidden)
+    tensor("output_norm.weight", hidden)
+    tensor("output.weight", vocab, hidden)
+    for i in range(layers):
+        for name in ("attn_norm", "ffn_norm"):
+            tensor(f"blk.{i}.{name}.weight", hidden)
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            tensor(f"blk.{i}.{name}.weight", hidden, hidden)
+        tensor(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        tensor(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        tensor(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

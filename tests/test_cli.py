@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_help_is_fast_and_imports_nothing_heavy():
     code = (
@@ -97,6 +99,24 @@ def test_cuda_on_a_cpu_build_explains_how_to_get_one(cli, smollm2):
 
 def test_bad_sampling_option(cli, smollm2):
     _assert_one_line_error(cli("run", "hi", "-m", str(smollm2), "--top-p", "2"), "top_p")
+
+
+@pytest.mark.parametrize("option", ["--temperature", "--top-p", "--min-p", "--repeat-penalty"])
+def test_nan_sampling_option_is_one_line(cli, smollm2, option):
+    _assert_one_line_error(cli("run", "hi", "-m", str(smollm2), option, "nan"), "must be a finite number, got nan")
+
+
+def test_seed_minus_one_is_random_other_negative_seeds_are_one_line(cli, smollm2):
+    r = cli("run", "Hi", "-m", str(smollm2), "--seed", "-1", "--temperature", "1", "--max-tokens", "2", "--threads", "1")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    _assert_one_line_error(cli("run", "hi", "-m", str(smollm2), "--seed", "-7"), "or -1 for a random seed")
+    assert "-1 or none = random" in " ".join(cli("run", "--help").stdout.split())
+
+
+def test_more_threads_than_cpus_is_one_line(cli, smollm2):
+    r = cli("run", "hi", "-m", str(smollm2), "--threads", "100000")
+    _assert_one_line_error(r, "100000 threads is more than the", "logical CPUs")
+    assert r.returncode == 2  # a refusal, not a crash (was a segfault: 139)
 
 
 def test_edge_debug_shows_the_traceback(cli, tmp_path):

@@ -67,3 +67,15 @@ def test_this_machine_and_the_backend_report_it(smollm2):
         assert (b.info.threads, b.info.extra["threads_batch"], b.info.extra["threads_source"]) == (1, 1, "--threads")
     finally:
         b.close()
+
+
+def test_check_threads_refuses_more_than_the_logical_cpus(monkeypatch):
+    from edge.errors import ConfigError
+
+    monkeypatch.setattr(cpu, "_DETECTED", cpu.CpuThreads(4, 8, 16, "test"))
+    cpu.check_threads(None)
+    cpu.check_threads(16)
+    for bad, needle in ((17, "more than the 16 logical CPUs"), (100000, "give at most 16"), (0, ">= 1"), (2.5, "integer")):
+        with pytest.raises(ConfigError, match=needle) as info:
+            cpu.check_threads(bad)
+        assert info.value.param == "threads"

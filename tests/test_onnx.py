@@ -92,7 +92,7 @@ def reference_logits(model, ids: list[int]) -> np.ndarray:
 def backend(folder: Path, **kw):
     from edge.backends.onnx import OnnxBackend
 
-    return OnnxBackend(folder, n_ctx=512, threads=1, device="cpu", **kw)
+    return OnnxBackend(folder, **{"n_ctx": 512, "threads": 1, "device": "cpu", **kw})
 
 
 # -- parity ---------------------------------------------------------------------------------------
@@ -332,6 +332,18 @@ def test_device_selection(onnx_of):
     if "QNNExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(ConfigError, match="onnxruntime-qnn"):
             OnnxBackend(onnx_of("qwen2", "fp32"), device="qnn")
+
+
+def test_context_beyond_the_trained_length_needs_the_opt_in(onnx_of, caplog):
+    from edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="beyond the 512 this model was trained for"):
+        backend(onnx_of("qwen2", "fp32"), n_ctx=513)
+    b = backend(onnx_of("qwen2", "fp32"), n_ctx=600, ctx_beyond_training=True)
+    try:
+        assert b.n_ctx == 600 and any("beyond the 512" in r.getMessage() for r in caplog.records)
+    finally:
+        b.close()
 
 
 def test_external_data_and_a_folder_without_manifest(ckpts, onnx_of, tmp_path, monkeypatch):

@@ -74,3 +74,37 @@ def test_logprob_helpers():
 def test_bad_params_are_config_errors(kw):
     with pytest.raises(ConfigError):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "repeat_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_sampling_values_are_config_errors(name, value):
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number") as info:
+        SamplingParams(**{name: value})
+    assert info.value.param == name
+
+
+@pytest.mark.parametrize(
+    "kw, param",
+    [(dict(temperature="hot"), "temperature"), (dict(top_k=1.5), "top_k"), (dict(top_k=True), "top_k"),
+     (dict(max_tokens=float("nan")), "max_tokens"), (dict(stop=7), "stop"), (dict(stop=["a", 3]), "stop"),
+     (dict(repeat_last_n=-2), "repeat_last_n"), (dict(seed=1.5), "seed"), (dict(logprobs="yes"), "logprobs")],
+)
+def test_wrong_types_are_config_errors_naming_the_field(kw, param):
+    with pytest.raises(ConfigError) as info:
+        SamplingParams(**kw)
+    assert info.value.param == param
+
+
+def test_seed_minus_one_is_random_as_in_llama_cpp():
+    assert SamplingParams(seed=-1).seed is None
+    draws = {make_sampler(SamplingParams(temperature=1.0, top_p=1.0, seed=-1))(np.zeros(1000, np.float32)).token for _ in range(8)}
+    assert len(draws) > 1  # not one fixed seed
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1 and SamplingParams(seed=3.0).seed == 3
+
+
+@pytest.mark.parametrize("seed", [-2, -12345, 2**64])
+def test_other_seeds_outside_the_range_are_config_errors(seed):
+    with pytest.raises(ConfigError, match=r"or -1 for a random seed") as info:
+        SamplingParams(seed=seed)
+    assert info.value.param == "seed"

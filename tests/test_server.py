@@ -308,6 +308,23 @@ def test_wrong_types_and_values_are_400(srv, field, value, param):
     assert_error(post(srv, "/v1/chat/completions", body), 400, param)
 
 
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "repeat_penalty"])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinite_sampling_fields_are_400(srv, field, literal):
+    # Python's json (the server's parser) reads these non-standard literals as floats
+    raw = f'{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 4, "{field}": {literal}}}'.encode()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        body = raw if "chat" in path else raw.replace(b'"messages": [{"role": "user", "content": "hi"}]', b'"prompt": "hi"')
+        err = assert_error(post(srv, path, raw=body), 400, field)
+        assert "finite" in err["message"]
+
+
+def test_seed_minus_one_is_random_and_other_negative_seeds_are_400(srv):
+    assert chat(srv, temperature=1.0, seed=-1, max_tokens=4).choices[0].message is not None
+    err = assert_error(post(srv, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 4, "seed": -2}), 400, "seed")
+    assert "-1 for a random seed" in err["message"]
+
+
 def test_effort_and_budget_together_is_400(srv):
     assert_error(post(srv, "/v1/chat/completions", {"messages": MSGS, "reasoning_effort": "low", "thinking_budget": 3}), 400, "reasoning_effort")
 

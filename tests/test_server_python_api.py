@@ -124,6 +124,47 @@ def test_cancel_from_another_thread():
     assert cancel.is_set()
 
 
+@pytest.mark.parametrize("call", ["ask", "chat", "complete"])
+def test_cancel_while_waiting_for_the_lock_returns_at_once(call):
+    backend = SlowBackend(delay=0.01, steps=600)  # the first call generates for ~6 s
+    rt = Runtime(backend=backend)
+    stop_first = threading.Event()
+    first = threading.Thread(target=lambda: collect(rt.chat(MSGS, SamplingParams(temperature=0, max_tokens=600), cancel=stop_first)))
+    cancel, got = threading.Event(), {}
+
+    def second():
+        if call == "ask":
+            got["reply"] = rt.ask("What is x?", GREEDY, cancel=cancel)
+        elif call == "chat":
+            got["reply"] = collect(rt.chat(MSGS, GREEDY, cancel=cancel))
+        else:
+            got["reply"] = collect(rt.complete("What is x?", GREEDY, cancel=cancel))
+        got["t"] = time.monotonic()
+
+    waiter = threading.Thread(target=second)
+    try:
+        first.start()
+        deadline = time.monotonic() + 5
+        while backend.evals == 0 and time.monotonic() < deadline:  # the first call holds the lock
+            time.sleep(0.005)
+        waiter.start()
+        time.sleep(0.2)  # the second call is waiting for the lock
+        assert "reply" not in got
+        t_cancel = time.monotonic()
+        cancel.set()
+        waiter.join(timeout=2)
+        assert not waiter.is_alive(), "the cancelled call waited for the running generation"
+        assert got["t"] - t_cancel < 0.5
+        stats = got["reply"].stats
+        assert stats.finish_reason == "cancelled" and stats.completion_tokens == 0
+        assert first.is_alive()  # the first generation goes on, untouched
+    finally:
+        stop_first.set()
+        first.join()
+        waiter.join()
+    assert collect(rt.chat(MSGS, SamplingParams(temperature=0, max_tokens=3))).stats.completion_tokens == 3  # lock free
+
+
 def test_async_cancel_event_from_another_thread():
     rt = Runtime(backend=SlowBackend(delay=0.005, steps=400))
     cancel = threading.Event()

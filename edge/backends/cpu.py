@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from edge.errors import ConfigError
+
 FAST_RATIO = 0.8  # a core group slower than this fraction of the one above it is "efficiency"
 
 
@@ -223,6 +225,24 @@ def default_threads() -> CpuThreads:
     if _DETECTED is None:
         _DETECTED = _detect()
     return _DETECTED
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a thread count below 1 or above this machine's logical CPUs (llama.cpp crashes on
+    tens of thousands of threads, and more threads than CPUs only slows every step down)."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise ConfigError(f"threads must be an integer, got {threads!r}", param="threads")
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}", param="threads")
+    auto = default_threads()
+    if threads > auto.logical:
+        raise ConfigError(
+            f"{threads} threads is more than the {auto.logical} logical CPUs this process may use; "
+            f"give at most {auto.logical} (the default here is {auto.decode})",
+            param="threads",
+        )
 
 
 def _detect() -> CpuThreads:

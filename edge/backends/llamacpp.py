@@ -22,8 +22,10 @@ from typing import Sequence
 import numpy as np
 
 from edge.backends.base import BackendInfo
-from edge.backends.cpu import default_threads
+from edge.backends.context import check_context
+from edge.backends.cpu import check_threads, default_threads
 from edge.backends.devices import LLAMACPP_DEVICES
+from edge.backends.gguf_meta import read_metadata, trained_context
 from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
 
 log = logging.getLogger(__name__)
@@ -65,26 +67,8 @@ def _llama_cpp():
 
 
 def n_ctx_train(path: str | os.PathLike) -> int:
-    """The context length the model was trained with, read by llama.cpp without loading
-    weights (``vocab_only``); 0 when unknown."""
-    llama_cpp = _llama_cpp()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        return 0
-    try:
-        buf = ctypes.create_string_buffer(256)
-
-        def meta(key: str) -> str | None:
-            n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
-            return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
-
-        arch = meta("general.architecture")
-        value = meta(f"{arch}.context_length") if arch else None
-        return int(value) if value and value.isdigit() else 0
-    finally:
-        llama_cpp.llama_model_free(model)
+    """The context length the model was trained with, read from the GGUF header; 0 when unknown."""
+    return trained_context(read_metadata(path))
 
 
 def check_gguf_file(path: str | os.PathLike) -> Path:
@@ -165,17 +149,23 @@ class LlamaCppBackend:
         n_batch: int = 512,
         seed: int = 0,
         flash_attn: bool = False,
+        ctx_beyond_training: bool = False,
     ) -> None:
         if n_ctx is not None and n_ctx < 16:
             raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
-        if threads is not None and threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {threads}")
+        check_threads(threads)
         path = check_gguf_file(model)
+        meta = read_metadata(path)
         if n_ctx is None:
             # default: 4096, or less when the model was trained for less
-            trained = n_ctx_train(path)
+            trained = trained_context(meta)
             n_ctx = min(DEFAULT_CTX, trained) if trained > 0 else DEFAULT_CTX
         used_device, layers = resolve_device(device, gpu_layers)
+        # before anything is allocated: beyond the trained length only when asked for, and never
+        # more than memory holds (weights and KV cache live in host memory on CPU and Apple GPUs;
+        # a discrete GPU's memory is not known here)
+        check_context(meta, n_ctx, path.stat().st_size, beyond_training=ctx_beyond_training,
+                      check_host_memory=used_device in ("cpu", "metal"))
         # default: one thread per performance core to decode, every physical core for batches
         # (llama-cpp-python's own default, cpu_count() // 2, idles half of a 1-thread-per-core machine)
         auto = default_threads()
@@ -197,6 +187,8 @@ class LlamaCppBackend:
                 verbose=False,
             )
         except ValueError as exc:
+            if "context" in str(exc):  # the weights loaded; the KV cache or compute buffers did not fit
+                raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?); use a smaller --ctx") from None
             raise InvalidModelError(f"llama.cpp could not load {path}: the file is truncated, corrupt or of an unsupported architecture ({exc})") from None
         self._ctx = self._llm.ctx
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)

@@ -31,7 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from edge.backends.base import BackendInfo
-from edge.backends.cpu import default_threads
+from edge.backends.context import check_trained_length
+from edge.backends.cpu import check_threads, default_threads
 from edge.backends.devices import ONNX_DEVICES, ONNX_PROVIDERS
 from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
 
@@ -211,12 +212,12 @@ class OnnxBackend:
         threads: int | None = None,
         device: str = "auto",
         n_batch: int = 512,
+        ctx_beyond_training: bool = False,
         **_: Any,
     ) -> None:
         if n_ctx is not None and n_ctx < 16:
             raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
-        if threads is not None and threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {threads}")
+        check_threads(threads)
         if n_batch < 1:
             raise ConfigError(f"n_batch must be >= 1, got {n_batch}")
         self._sess = None
@@ -227,6 +228,10 @@ class OnnxBackend:
         self._load_tokenizer(folder)
         self._manifest = _read_json(folder / MANIFEST)
         self._config = _read_json(folder / "config.json")
+        trained = int(self._manifest.get("max_position_embeddings") or self._config.get("max_position_embeddings") or 0)
+        if n_ctx is None:  # as llama.cpp: 4096, or the model's trained length if smaller
+            n_ctx = min(DEFAULT_CTX, trained) if trained > 0 else DEFAULT_CTX
+        check_trained_length(n_ctx, trained, beyond_training=ctx_beyond_training)
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -250,9 +255,6 @@ class OnnxBackend:
         if providers[0] not in active:
             self.close()
             raise ConfigError(f"{providers[0]} could not be started for this model (active: {', '.join(active)}); try --device cpu")
-        if n_ctx is None:  # as llama.cpp: 4096, or the model's trained length if smaller
-            trained = int(self._manifest.get("max_position_embeddings") or self._config.get("max_position_embeddings") or 0)
-            n_ctx = min(DEFAULT_CTX, trained) if trained > 0 else DEFAULT_CTX
         self._n_ctx = int(n_ctx)
         self._n_batch = int(n_batch)
         self._tokens: list[int] = []

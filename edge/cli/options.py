@@ -29,7 +29,10 @@ def model_options(f: Callable) -> Callable:
     opts = [
         click.option("-m", "--model", default=None, help="GGUF path, ONNX folder, or owner/repo:file.gguf (default: the bundled tiny-r1)."),
         click.option("--backend", default="llamacpp", show_default=True, help="llamacpp | onnx | remote"),
-        click.option("--ctx", "n_ctx", type=int, default=None, help="Context size in tokens (default: 4096, or the model's trained length if smaller)."),
+        click.option("--ctx", "n_ctx", type=int, default=None,
+                     help="Context size in tokens (default: 4096, or the model's trained length if smaller); refused beyond the trained "
+                          "length or when the KV cache and weights would not fit in memory."),
+        click.option("--ctx-beyond-training", is_flag=True, help="Allow a --ctx above the model's trained length (its output degrades there)."),
         click.option("--threads", type=int, default=None, help=_threads_help()),
         click.option("--device", default="auto", show_default=True,
                      help="auto | cpu | cuda | metal; with an ONNX model also xnnpack | qnn | nnapi | coreml | dml | openvino | rocm | tensorrt | webgpu."),
@@ -50,7 +53,7 @@ def sampling_options(f: Callable) -> Callable:
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
         click.option("--min-p", type=float, default=0.0, show_default=True),
         click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Sampling seed (runs are reproducible with one)."),
+        click.option("--seed", type=int, default=None, help="Sampling seed (runs are reproducible with one); -1 or none = random, as in llama.cpp."),
         click.option("--max-tokens", type=int, default=4096, show_default=True, help="Cap on generated tokens (thinking + answer)."),
     ]
     for o in reversed(opts):
@@ -59,7 +62,7 @@ def sampling_options(f: Callable) -> Callable:
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens")
-MODEL_KEYS = ("model", "backend", "n_ctx", "threads", "device", "gpu_layers", "reasoning_prompt")
+MODEL_KEYS = ("model", "backend", "n_ctx", "ctx_beyond_training", "threads", "device", "gpu_layers", "reasoning_prompt")
 
 
 def pop_sampling(kw: dict[str, Any]):
@@ -68,16 +71,24 @@ def pop_sampling(kw: dict[str, Any]):
     return SamplingParams(**{k: kw.pop(k) for k in SAMPLING_KEYS})
 
 
-def open_runtime(kw: dict[str, Any]):
-    """Build a Runtime from the model options in ``kw`` (removed from it)."""
+def pop_model_options(kw: dict[str, Any]) -> tuple[str | None, str, dict[str, Any]]:
+    """(model, backend, Runtime keywords) from the model options in ``kw`` (removed from it),
+    less those the chosen backend does not take; the device name is checked here."""
     opts = {k: kw.pop(k) for k in MODEL_KEYS}
     check_device(opts["device"])
-    from edge.runtime import Runtime
-
-    backend = opts.pop("backend")
-    model = opts.pop("model")
+    model, backend = opts.pop("model"), opts.pop("backend")
     if backend != "llamacpp":
         opts.pop("gpu_layers")
+    if backend == "remote" or not opts["ctx_beyond_training"]:
+        opts.pop("ctx_beyond_training")  # the remote server has its own context
+    return model, backend, opts
+
+
+def open_runtime(kw: dict[str, Any]):
+    """Build a Runtime from the model options in ``kw`` (removed from it)."""
+    model, backend, opts = pop_model_options(kw)
+    from edge.runtime import Runtime
+
     return Runtime(model, backend=backend, **opts)
 
 

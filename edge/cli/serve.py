@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edge.cli.options import MODEL_KEYS, check_device, model_options
+from edge.cli.options import model_options, pop_model_options
 
 
 @click.command()
@@ -30,17 +30,13 @@ def serve(chat_template_file: str | None, **kw) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health for one model."""
     from edge.server.config import ServerConfig
 
-    model_opts = {k: kw.pop(k) for k in MODEL_KEYS}
+    model, backend, model_opts = pop_model_options(kw)
     config = ServerConfig(**kw)  # validated before the model loads
-    check_device(model_opts["device"])
     template = Path(chat_template_file).read_text(encoding="utf-8") if chat_template_file else None
 
     from edge.runtime import Runtime
     from edge.server.run import serve as run_server
 
-    backend, model = model_opts.pop("backend"), model_opts.pop("model")
-    if backend != "llamacpp":
-        model_opts.pop("gpu_layers")
     with Runtime(model, backend=backend, chat_template=template, **model_opts) as rt:
 
         def started(port: int) -> None:

@@ -156,37 +156,24 @@ def _object(body: dict, name: str) -> dict | None:
 
 
 # -- pieces ------------------------------------------------------------------------------------
+# Sampling fields passed to SamplingParams as sent: it checks types and ranges (the same check
+# as the CLI and the Python API); a ConfigError becomes a 400 naming the field.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
+MAX_TEMPERATURE = 2.0  # OpenAI's documented range for this API; the library itself allows more
+
+
 def sampling_params(body: dict, limits: Limits, *, logprobs: int = 0) -> SamplingParams:
-    """OpenAI sampling fields -> one SamplingParams (validated here, with the field named)."""
-    kw: dict[str, Any] = {}
-    t = _number(body, "temperature", 0.0, 2.0)
-    if t is not None:
-        kw["temperature"] = t
-    p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
-    if p is not None:
-        kw["top_p"] = p
-    for name, lo in (("top_k", 0),):
-        v = _int(body, name, lo, 1_000_000)
-        if v is not None:
-            kw[name] = v
-    mp = _number(body, "min_p", 0.0, 1.0, hi_open=True)
-    if mp is not None:
-        kw["min_p"] = mp
-    rp = _number(body, "repeat_penalty", 0.0, 10.0, lo_open=True)
-    if rp is not None:
-        kw["repeat_penalty"] = rp
-    seed = _int(body, "seed", 0, 2**63 - 1)
-    if seed is not None:
-        kw["seed"] = seed
+    """OpenAI sampling fields -> one SamplingParams (validated by it, with the field named)."""
+    kw: dict[str, Any] = {name: body[name] for name in SAMPLING_FIELDS if _present(body, name)}
     # presence_penalty / frequency_penalty: type-checked, then ignored (not implemented)
     _number(body, "presence_penalty", -2.0, 2.0)
     _number(body, "frequency_penalty", -2.0, 2.0)
 
     name = "max_completion_tokens" if _present(body, "max_completion_tokens") else "max_tokens"
-    mt = _int(body, name, 1)
-    if mt is not None and mt > limits.max_tokens_limit:
-        raise bad(name, f"'{name}' is {mt} but this server allows at most {limits.max_tokens_limit}", "max_tokens_too_large")
-    kw["max_tokens"] = mt if mt is not None else min(limits.default_max_tokens, limits.max_tokens_limit)
+    if _present(body, name):
+        kw["max_tokens"] = body[name]
+    else:
+        kw["max_tokens"] = min(limits.default_max_tokens, limits.max_tokens_limit)
 
     stop = body.get("stop")
     if stop is not None:
@@ -200,9 +187,14 @@ def sampling_params(body: dict, limits: Limits, *, logprobs: int = 0) -> Samplin
     if logprobs:
         kw["top_logprobs"] = logprobs
     try:
-        return SamplingParams(**kw)
-    except ConfigError as exc:  # pragma: no cover - every range is checked above
-        raise bad(None, str(exc)) from None
+        params = SamplingParams(**kw)
+    except ConfigError as exc:
+        raise bad(name if exc.param == "max_tokens" else exc.param, str(exc)) from None
+    if params.temperature > MAX_TEMPERATURE:
+        raise bad("temperature", f"'temperature' must be in [0, {MAX_TEMPERATURE:g}] on this API, got {body['temperature']}")
+    if params.max_tokens > limits.max_tokens_limit:
+        raise bad(name, f"'{name}' is {params.max_tokens} but this server allows at most {limits.max_tokens_limit}", "max_tokens_too_large")
+    return params
 
 
 def controllers(body: dict) -> list[Controller]:
