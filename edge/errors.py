@@ -29,6 +29,10 @@ class ConfigError(EdgeError, ValueError):
     """An option has a bad value (unknown device, negative budget, threshold outside [0, 1], ...)."""
 
 
+class ChatTemplateError(ConfigError):
+    """The chat template does not parse, fails to render, or runs past its time or size budget."""
+
+
 class BackendError(EdgeError, RuntimeError):
     """The inference engine failed (decode error, out of memory, server error)."""
 
