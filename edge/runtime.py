@@ -13,6 +13,11 @@ One runtime owns one backend; calls from several threads are serialised by a loc
 before every token; the stream then ends with ``Done`` whose ``finish_reason`` is
 ``"cancelled"``).
 
+The chat template (the model's, or ``chat_template=``) is untrusted input: it is compiled when
+the runtime is built (one that does not parse raises :class:`~edge.errors.ChatTemplateError`
+then) and every render runs within ``template_limits`` (:class:`edge.templates.TemplateLimits`,
+2 s and 4 Mi characters by default).
+
 Async apps use :meth:`Runtime.achat` / :meth:`Runtime.acomplete`: the same events, produced by
 a worker thread and handed over through an asyncio queue, so the event loop never blocks on
 the model; leaving the ``async for`` early (or cancelling the task) stops the generation.
@@ -38,7 +43,7 @@ from edge.errors import BackendError
 from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta
 from edge.generate import PromptCache
 from edge.params import SamplingParams
-from edge.templates import ChatTemplate, thinking_open
+from edge.templates import ChatTemplate, TemplateLimits, thinking_open
 from edge.think import DEFAULT_TAGS, TagPair
 
 Messages = Sequence[Mapping[str, Any]]
@@ -166,8 +171,12 @@ class Runtime:
         gpu_layers: int | None = None,
         tags: TagPair = DEFAULT_TAGS,
         chat_template: str | None = None,
+        template_limits: TemplateLimits | None = None,
         **backend_options: Any,
     ) -> None:
+        self.template_limits = template_limits or TemplateLimits()
+        if chat_template:  # a given template is checked before the model loads
+            ChatTemplate(chat_template, name="given").check(self.template_limits)
         if isinstance(backend, str):
             if backend == "remote":
                 self.backend = load_backend(backend, str(model), n_ctx=n_ctx, **backend_options)
@@ -184,11 +193,18 @@ class Runtime:
         else:
             self.backend = backend
         self.tags = tags
-        self.template = ChatTemplate.from_model(
-            chat_template or self.backend.chat_template,
-            bos_token=self.backend.bos_token,
-            eos_token=self.backend.eos_token,
-        )
+        try:
+            if chat_template:
+                self.template = ChatTemplate(chat_template, self.backend.bos_token, self.backend.eos_token, "given")
+            else:
+                self.template = ChatTemplate.from_model(
+                    self.backend.chat_template, bos_token=self.backend.bos_token, eos_token=self.backend.eos_token
+                )
+            self.template.check(self.template_limits)  # one that does not parse fails the load
+        except BaseException:
+            if isinstance(backend, str):  # loaded here: freed here
+                self.backend.close()
+            raise
         self._lock = threading.RLock()
         self._prompt_cache = PromptCache()
         self._closed = False
@@ -202,9 +218,12 @@ class Runtime:
         if self._closed:
             raise RuntimeClosedError("this Runtime is closed (its model was freed); create a new Runtime to go on")
 
-    def render(self, messages: Messages, *, think: bool = True) -> str:
+    def render(self, messages: Messages, *, think: bool = True, limits: TemplateLimits | None = None) -> str:
+        """The prompt for ``messages``: the chat template rendered within ``limits`` (default:
+        :attr:`template_limits`) in this thread; a template over its budget raises
+        :class:`~edge.errors.ChatTemplateError`."""
         self._check_open()
-        prompt = self.template.render(messages, add_generation_prompt=True)
+        prompt = self.template.render(messages, add_generation_prompt=True, limits=limits or self.template_limits)
         if not think and thinking_open(prompt, self.tags):
             prompt += f"\n{self.tags.close}\n\n"
         return prompt
@@ -304,9 +323,11 @@ class Runtime:
         think: bool = True,
         cancel: threading.Event | None = None,
     ) -> AsyncIterator[Event]:
-        """Like :meth:`chat`, as an async iterator: generation runs in a worker thread."""
+        """Like :meth:`chat`, as an async iterator: the template renders and the generation runs
+        in worker threads, never on the event loop."""
+        prompt = await asyncio.to_thread(self.render, messages, think=think)
         stop = _LinkedCancel(cancel)
-        events = self.chat(messages, params, controllers=controllers, think=think, cancel=stop)
+        events = self.complete(prompt, params, controllers=controllers, cancel=stop)
         async for ev in _aiterate(events, stop):
             yield ev
 

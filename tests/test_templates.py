@@ -5,6 +5,7 @@ bundled tiny-r1 GGUF whose ``tokenizer.chat_template`` a test replaced (tests/gg
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -174,3 +175,113 @@ def test_raise_exception_still_refuses_the_messages():
 def test_limits_are_validated(kw):
     with pytest.raises(ConfigError):
         TemplateLimits(**kw)
+
+
+# -- through the CLI, on GGUFs carrying these templates ----------------------------------------------
+@pytest.fixture(scope="module")
+def gguf_with(tmp_path_factory):
+    """``gguf_with(template)``: a copy of the bundled tiny-r1 whose chat template is ``template``."""
+    from tests.gguf_edit import with_chat_template
+
+    made: dict[str, object] = {}
+
+    def make(template: str):
+        if template not in made:
+            made[template] = with_chat_template(tmp_path_factory.mktemp("gguf") / "model.gguf", template)
+        return made[template]
+
+    return make
+
+
+def one_line_error(r, *needles: str) -> str:
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: chat template: "), lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_cli_run_stops_a_nested_loop_template_from_the_gguf(cli, gguf_with):
+    r = cli("run", "hi", "-m", str(gguf_with(NESTED_LOOPS)), "--max-tokens", "4", timeout=HANG)
+    one_line_error(r, "the model's template was stopped after 2 s, its time limit")
+    assert r.stdout == ""
+
+
+def test_cli_run_stops_a_gguf_template_whose_output_never_ends(cli, gguf_with):
+    r = cli("run", "hi", "-m", str(gguf_with(NESTED_OUTPUT)), "--max-tokens", "4", timeout=HANG)
+    one_line_error(r, f"the output passed {4 << 20} characters, the limit")
+
+
+def test_cli_run_refuses_a_gguf_template_that_does_not_parse(cli, gguf_with):
+    r = cli("run", "hi", "-m", str(gguf_with("{% for %}")), "--max-tokens", "4", timeout=HANG)
+    one_line_error(r, "the model's template does not parse (line 1: Expected an expression")
+    assert r.returncode == ConfigError.exit_code
+
+
+def test_cli_serve_refuses_a_gguf_template_that_does_not_parse_at_startup(cli, gguf_with):
+    r = cli("serve", "-m", str(gguf_with("{% for %}")), "--port", "0", timeout=HANG)  # a server that started would outlive the timeout
+    one_line_error(r, "the model's template does not parse")
+
+
+def test_cli_serve_refuses_a_template_file_that_does_not_parse_at_startup(cli, tmp_path):
+    bad = tmp_path / "template.jinja"
+    bad.write_text("{% for %}")
+    r = cli("serve", "--chat-template", str(bad), "--port", "0", timeout=HANG)
+    one_line_error(r, "the given template does not parse")
+
+
+def test_cli_run_on_a_gguf_copy_with_the_same_template_answers_as_the_original(cli, gguf_with):
+    from tests.gguf_edit import BUNDLED, chat_template_of
+
+    args = ("run", "a = 3. b = a + 4. What is b?", "--temperature", "0", "--max-tokens", "24", "--json")
+    copy, original = cli(*args, "-m", str(gguf_with(chat_template_of(BUNDLED)))), cli(*args)
+    assert copy.returncode == 0 and original.returncode == 0, copy.stderr + original.stderr
+    assert json.loads(copy.stdout)["reasoning"] == json.loads(original.stdout)["reasoning"]
+
+
+def test_llama_cpp_python_never_compiles_the_gguf_template(gguf_with):
+    from edge.backends.llamacpp import LlamaCppBackend
+
+    with LlamaCppBackend(gguf_with("{% for %}"), n_ctx=64, threads=1) as b:  # its formatter would raise here
+        assert b.chat_template == "{% for %}"
+        assert "tokenizer.chat_template" not in b.llama.metadata and b.llama.gguf_metadata["tokenizer.chat_template"] == "{% for %}"
+
+
+# -- the Python API ---------------------------------------------------------------------------------
+def scripted_runtime(template: str, **limits):
+    from edge.runtime import Runtime
+    from tests.scripted import ScriptedBackend
+
+    return Runtime(backend=ScriptedBackend(["ok"], " done", chat_template=template), template_limits=TemplateLimits(**limits))
+
+
+def test_runtime_refuses_a_template_that_does_not_parse_when_built():
+    with pytest.raises(ChatTemplateError, match="the model's template does not parse"):
+        scripted_runtime("{% for %}")
+
+
+def test_achat_renders_off_the_event_loop():
+    import asyncio
+
+    rt = scripted_runtime(NESTED_LOOPS, timeout_s=0.5)
+
+    async def main() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        with pytest.raises(ChatTemplateError, match="stopped after 0.5 s"):
+            async for _ in rt.achat(MSGS):
+                pass
+        ticker.cancel()
+        return ticks
+
+    assert finishes(lambda: asyncio.run(main())) > 5  # the loop kept running while the template did
