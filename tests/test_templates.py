@@ -285,3 +285,75 @@ def test_achat_renders_off_the_event_loop():
         return ticks
 
     assert finishes(lambda: asyncio.run(main())) > 5  # the loop kept running while the template did
+
+
+# -- through a real server --------------------------------------------------------------------------
+def serve_model(path, **cfg):
+    from edge.runtime import Runtime
+    from edge.server import ServerConfig, ServerThread
+
+    rt = Runtime(str(path), n_ctx=256, threads=1)
+    return rt, ServerThread(rt, ServerConfig(port=0, log_level="warning", **cfg)).start()
+
+
+def chat(base: str, stream: bool = False, timeout: float = HANG):
+    import httpx
+
+    body = {"messages": MSGS, "max_tokens": 2, "stream": stream}
+    return httpx.post(f"{base}/chat/completions", json=body, timeout=timeout)
+
+
+def health(srv) -> tuple[dict, float]:
+    import httpx
+
+    t0 = time.perf_counter()
+    r = httpx.get(srv.url.removesuffix("/v1") + "/health", timeout=HANG)
+    return r.json(), time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_server_answers_a_template_past_its_deadline_with_a_json_error(gguf_with, stream):
+    rt, srv = serve_model(gguf_with(NESTED_LOOPS), template_timeout_s=0.3)
+    with rt, srv:
+        r = chat(srv.url, stream=stream)
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+        err = r.json()["error"]
+        assert err["code"] == "chat_template_error" and err["type"] == "server_error"
+        assert err["message"] == "chat template: the model's template was stopped after 0.3 s, its time limit (it loops too long or forever)"
+
+
+def test_server_answers_a_template_that_fails_to_render_with_a_json_error(gguf_with):
+    rt, srv = serve_model(gguf_with("{{ foo.bar }}"))
+    with rt, srv:
+        r = chat(srv.url)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "chat_template_error"
+        assert r.json()["error"]["message"].startswith("chat template: the model's template failed to render: UndefinedError")
+
+
+def test_41_slow_template_requests_are_bounded_by_the_queue_and_health_stays_fast(gguf_with):
+    # 41 > the 40 worker threads starlette lends: before, each render held one forever and
+    # /health timed out; now renders happen one at a time inside the admission queue
+    rt, srv = serve_model(gguf_with(NESTED_LOOPS), template_timeout_s=0.3, max_queue=2)
+    with rt, srv:
+        statuses: list[int] = []
+        flood = [threading.Thread(target=lambda: statuses.append(chat(srv.url).status_code)) for _ in range(41)]
+        for t in flood:
+            t.start()
+        time.sleep(0.2)
+        during, seconds_during = health(srv)
+        for t in flood:
+            t.join(HANG)
+        after, seconds_after = health(srv)
+        assert seconds_during < 1.0 and seconds_after < 1.0
+        assert during["queued"] >= 1  # renders are visible as queued work
+        assert len(statuses) == 41 and set(statuses) == {500, 503}  # each answered: stopped, or refused at once
+        assert after["queued"] == 0 and after["running"] == 0
+        assert cpu_while_idle() < 0.25  # the stopped renders freed their cores
+
+
+@pytest.mark.parametrize("kw", [{"template_timeout_s": 0}, {"template_max_chars": 0}])
+def test_server_template_limits_are_validated(kw):
+    from edge.server import ServerConfig
+
+    with pytest.raises(ConfigError, match="chat template"):
+        ServerConfig(**kw)
