@@ -35,6 +35,10 @@ class ConfigError(EdgeError, ValueError):
         self.param = param
 
 
+class ChatTemplateError(ConfigError):
+    """The chat template does not parse, fails to render, or runs past its time or size budget."""
+
+
 class BackendError(EdgeError, RuntimeError):
     """The inference engine failed (decode error, out of memory, server error)."""
 

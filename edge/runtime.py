@@ -13,6 +13,11 @@ One runtime owns one backend; calls from several threads are serialised by a loc
 before every token, and every few milliseconds while the call waits for the lock; the stream
 then ends with ``Done`` whose ``finish_reason`` is ``"cancelled"``).
 
+The chat template (the model's, or ``chat_template=``) is untrusted input: it is compiled when
+the runtime is built (one that does not parse raises :class:`~edge.errors.ChatTemplateError`
+then) and every render runs within ``template_limits`` (:class:`edge.templates.TemplateLimits`,
+2 s and 4 Mi characters by default).
+
 Async apps use :meth:`Runtime.achat` / :meth:`Runtime.acomplete`: the same events, produced by
 a worker thread and handed over through an asyncio queue, so the event loop never blocks on
 the model; leaving the ``async for`` early (or cancelling the task) stops the generation.
@@ -38,7 +43,7 @@ from edge.errors import BackendError
 from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta
 from edge.generate import PromptCache
 from edge.params import SamplingParams
-from edge.templates import ChatTemplate, thinking_open
+from edge.templates import ChatTemplate, TemplateLimits, thinking_open
 from edge.think import DEFAULT_TAGS, TagPair
 
 Messages = Sequence[Mapping[str, Any]]
@@ -173,12 +178,16 @@ class Runtime:
         tags: TagPair = DEFAULT_TAGS,
         chat_template: str | None = None,
         reasoning_prompt: str | bool | None = None,
+        template_limits: TemplateLimits | None = None,
         **backend_options: Any,
     ) -> None:
         from edge.reasoning import reasoning_instruction
 
         # checked before the model loads; the default for every call (a call may override it)
         self.reasoning_prompt = reasoning_instruction(reasoning_prompt)
+        self.template_limits = template_limits or TemplateLimits()
+        if chat_template:  # a given template is checked before the model loads
+            ChatTemplate(chat_template, name="given").check(self.template_limits)
         if isinstance(backend, str):
             if backend == "remote":
                 self.backend = load_backend(backend, str(model), n_ctx=n_ctx, **backend_options)
@@ -195,11 +204,18 @@ class Runtime:
         else:
             self.backend = backend
         self.tags = tags
-        self.template = ChatTemplate.from_model(
-            chat_template or self.backend.chat_template,
-            bos_token=self.backend.bos_token,
-            eos_token=self.backend.eos_token,
-        )
+        try:
+            if chat_template:
+                self.template = ChatTemplate(chat_template, self.backend.bos_token, self.backend.eos_token, "given")
+            else:
+                self.template = ChatTemplate.from_model(
+                    self.backend.chat_template, bos_token=self.backend.bos_token, eos_token=self.backend.eos_token
+                )
+            self.template.check(self.template_limits)  # one that does not parse fails the load
+        except BaseException:
+            if isinstance(backend, str):  # loaded here: freed here
+                self.backend.close()
+            raise
         self._lock = threading.RLock()
         self._prompt_cache = PromptCache()
         self._closed = False
@@ -213,8 +229,11 @@ class Runtime:
         if self._closed:
             raise RuntimeClosedError("this Runtime is closed (its model was freed); create a new Runtime to go on")
 
-    def render(self, messages: Messages, *, think: bool = True, reasoning_prompt: str | bool | None = _DEFAULT) -> str:
-        """The prompt text for ``messages``. ``think=False`` skips thinking (Qwen3-style
+    def render(self, messages: Messages, *, think: bool = True, reasoning_prompt: str | bool | None = _DEFAULT,
+               limits: TemplateLimits | None = None) -> str:
+        """The prompt text for ``messages``: the chat template rendered within ``limits``
+        (default: :attr:`template_limits`) in this thread; a template over its budget raises
+        :class:`~edge.errors.ChatTemplateError`. ``think=False`` skips thinking (Qwen3-style
         templates get ``enable_thinking=False``; an open think block is closed). A reasoning
         prompt (a style of :mod:`edge.reasoning`, an instruction text; default: the runtime's)
         adds the instruction as system text and opens the think block in the assistant turn."""
@@ -224,7 +243,7 @@ class Runtime:
         instruction = self.reasoning_prompt if reasoning_prompt is _DEFAULT else reasoning_instruction(reasoning_prompt)
         if instruction and think:
             messages = with_instruction(messages, instruction)
-        prompt = self.template.render(messages, add_generation_prompt=True, enable_thinking=think)
+        prompt = self.template.render(messages, add_generation_prompt=True, limits=limits or self.template_limits, enable_thinking=think)
         if instruction and think and not thinking_open(prompt, self.tags):
             prompt += f"{self.tags.open}\n"
         if not think and thinking_open(prompt, self.tags):
@@ -354,9 +373,11 @@ class Runtime:
         reasoning_prompt: str | bool | None = _DEFAULT,
         cancel: threading.Event | None = None,
     ) -> AsyncIterator[Event]:
-        """Like :meth:`chat`, as an async iterator: generation runs in a worker thread."""
+        """Like :meth:`chat`, as an async iterator: the template renders and the generation runs
+        in worker threads, never on the event loop."""
+        prompt = await asyncio.to_thread(self.render, messages, think=think, reasoning_prompt=reasoning_prompt)
         stop = _LinkedCancel(cancel)
-        events = self.chat(messages, params, controllers=controllers, think=think, reasoning_prompt=reasoning_prompt, cancel=stop)
+        events = self.complete(prompt, params, controllers=controllers, cancel=stop)
         async for ev in _aiterate(events, stop):
             yield ev
 

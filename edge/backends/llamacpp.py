@@ -14,6 +14,7 @@ API directly so that each step costs one ``llama_decode`` and one logits copy:
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from pathlib import Path
@@ -124,6 +125,29 @@ def resolve_device(device: str, gpu_layers: int | None) -> tuple[str, int]:
     return device, -1 if gpu_layers is None else gpu_layers
 
 
+@functools.lru_cache(maxsize=1)
+def _llama_class(llama_cpp) -> type:
+    """``llama_cpp.Llama`` without its chat formatters.
+
+    ``Llama.__init__`` compiles every ``tokenizer.chat_template*`` of the GGUF with its own Jinja
+    environment (``Jinja2ChatFormatter``): a template that does not parse raises there, and
+    nothing bounds it. edge renders templates itself, sandboxed and on a budget
+    (:mod:`edge.templates`), so the templates are hidden from that step: ``metadata`` as
+    ``Llama`` sees it lacks them, ``gguf_metadata`` has every key."""
+
+    class Llama(llama_cpp.Llama):
+        @property
+        def metadata(self) -> dict[str, str]:
+            return self._visible_metadata
+
+        @metadata.setter
+        def metadata(self, value: dict[str, str]) -> None:  # set once, in Llama.__init__
+            self.gguf_metadata = dict(value)
+            self._visible_metadata = {k: v for k, v in value.items() if not k.startswith("tokenizer.chat_template")}
+
+    return Llama
+
+
 def _logits_address_function(llama_cpp):
     """``f(ctx, i) -> int | None``: the address of the i-th logits row. The same C function as
     ``llama_get_logits_ith``, declared to return the address as an int (no ctypes pointer object
@@ -174,7 +198,7 @@ class LlamaCppBackend:
         llama_cpp = _llama_cpp()
         self._lib = llama_cpp
         try:
-            self._llm = llama_cpp.Llama(
+            self._llm = _llama_class(llama_cpp)(
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_batch=min(n_batch, n_ctx),
@@ -213,7 +237,7 @@ class LlamaCppBackend:
         self._logits_addr = -1  # address of the logits row the view below maps (never NULL)
         self._logits_view: np.ndarray | None = None
         self._eog: frozenset[int] | None = None
-        meta = self._llm.metadata
+        meta = self._llm.gguf_metadata
         self._meta = meta
         n_layers = int(meta.get(f"{meta.get('general.architecture', '')}.block_count", 0) or 0)
         offloaded = 0 if layers == 0 else (n_layers + 1 if layers < 0 else min(layers, n_layers + 1))

@@ -10,9 +10,13 @@ Routes
 
 One model, one generation at a time. A request is admitted while fewer than
 ``1 + max_queue`` are running or waiting, else refused at once with 503 and ``Retry-After``.
-Admitted requests wait their turn on an asyncio lock (no thread is held while waiting); the
-generation itself runs in a worker thread (:meth:`Runtime.acomplete`), so the event loop keeps
-serving health checks and other clients. A client that disconnects - while waiting or while
+Admission comes before the chat template renders: prompts render one at a time, in a worker
+thread, within the template's time and size budget (:class:`edge.templates.TemplateLimits`,
+``ServerConfig.template_*``), so slow templates count against the queue, are visible in
+``/health`` as queued, and a render past its deadline is stopped and answered with 500
+``chat_template_error``. Admitted requests wait their turn on an asyncio lock (no thread is
+held while waiting); the generation itself runs in a worker thread (:meth:`Runtime.acomplete`),
+so the event loop keeps serving health checks and other clients. A client that disconnects - while waiting or while
 its reply streams - sets the generation's cancel event; the generator stops at its next token.
 
 The request's ``model`` is accepted and not checked: a server holds one model (its id is in
@@ -41,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edge.errors import BackendError, ConfigError, EdgeError, PromptError
+from edge.errors import BackendError, ChatTemplateError, ConfigError, EdgeError, PromptError
 from edge.events import ControlEvent, Done, Event
 from edge.server.config import ServerConfig, key_matches
 from edge.server.logprobs import LogprobRecorder
@@ -63,6 +67,8 @@ def domain_error(exc: EdgeError) -> ApiError:
 
     if isinstance(exc, RuntimeClosedError):
         return ApiError(503, str(exc), type="server_error", code="model_closed")
+    if isinstance(exc, ChatTemplateError):  # the server's template failed on this request
+        return ApiError(500, str(exc), type="server_error", code="chat_template_error")
     if isinstance(exc, PromptError):
         code = "context_length_exceeded" if "context" in str(exc) else "invalid_prompt"
         return ApiError(400, str(exc), param="messages", code=code)
@@ -173,6 +179,8 @@ class EdgeServer:
         self.running = 0
         self.counters: Counter[str] = Counter()
         self._turn = asyncio.Lock()
+        self._prep = asyncio.Lock()  # one prompt renders at a time (its thread is then free)
+        self.template_limits = self.config.template_limits(runtime.template_limits)
         self.app = Starlette(
             routes=[
                 Route("/health", self._endpoint(self.health, auth=False), methods=["GET"]),
@@ -331,11 +339,12 @@ class EdgeServer:
         return await self._generate(request, parse_completion(await self._read_json(request), self.config.limits))
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
-        """Render and tokenize the prompt now, so a bad one is a 400 before any streaming."""
+        """Render (within the template budget) and tokenize the prompt now, so a bad one is an
+        HTTP error before any streaming."""
         rt = self.runtime
         if req.kind == "chat":
             per_request = {} if req.reasoning_prompt is None else {"reasoning_prompt": req.reasoning_prompt}
-            ids = rt.tokenize_prompt(rt.render(req.messages, think=req.think, **per_request))
+            ids = rt.tokenize_prompt(rt.render(req.messages, think=req.think, limits=self.template_limits, **per_request))
         elif isinstance(req.prompt, str):
             ids = rt.tokenize_prompt(req.prompt)
         else:
@@ -353,8 +362,13 @@ class EdgeServer:
 
     async def _generate(self, request: Request, req: GenerationRequest) -> Response:
         self.counters["requests"] += 1
-        ids = await run_in_threadpool(self._prompt_ids, req)
-        release = self._admit()
+        release = self._admit()  # rendering counts: a flood of slow templates meets the queue limit
+        try:
+            async with self._prep:
+                ids = await run_in_threadpool(self._prompt_ids, req)
+        except BaseException:
+            release()
+            raise
         cancel = threading.Event()
         scoring = self._is_scoring(req)
         if req.logprobs:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from edge.errors import ConfigError
 from edge.server.protocol import REASONING_FORMATS, Limits
+from edge.templates import TemplateLimits
 
 log = logging.getLogger("edge.server")
 
@@ -32,6 +33,8 @@ class ServerConfig:
     max_queue: int = 8
     retry_after_s: int = 1
     log_level: str = "info"
+    template_timeout_s: float | None = None  # per chat-template render; None: the Runtime's (2 s)
+    template_max_chars: int | None = None  # prompt characters a render may produce; None: the Runtime's (4 Mi)
 
     def __post_init__(self) -> None:
         if self.reasoning_format not in REASONING_FORMATS:
@@ -50,6 +53,14 @@ class ServerConfig:
             raise ConfigError(f"the queue size must be >= 0, got {self.max_queue}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key is empty; give a non-empty key or none")
+        self.template_limits(TemplateLimits())  # validates the two template limits
+
+    def template_limits(self, base: TemplateLimits) -> TemplateLimits:
+        """The chat-template budget of a request: these settings over ``base`` (the Runtime's)."""
+        return TemplateLimits(
+            base.timeout_s if self.template_timeout_s is None else self.template_timeout_s,
+            base.max_chars if self.template_max_chars is None else self.template_max_chars,
+        )
 
     @property
     def limits(self) -> Limits:
