@@ -62,11 +62,17 @@ def oracle_point(rec: dict) -> int:
     return rec["thinking_tokens"]
 
 
-def replay(rec: dict, rule: Rule | None) -> dict:
-    """What a live early exit with ``rule`` would have done on this trace."""
+def replay(rec: dict, rule: Rule | None, *, min_gap: int = 0) -> dict:
+    """What a live early exit with ``rule`` would have done on this trace; ``min_gap`` skips
+    probe points closer than that many thinking tokens to the last probe taken (as
+    ``EarlyExit(min_gap=...)`` does), so cheaper probe schedules replay from the same run."""
     probes: list[Trial] = []
     cost = 0
+    last_at = -(10**9)
     for t in trials_of(rec) if rule is not None else []:
+        if t["at"] - last_at < min_gap:
+            continue
+        last_at = t["at"]
         probes.append(t)
         cost += t["cost"]
         if rule(probes):
@@ -115,8 +121,8 @@ def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> float:
     return min(1.0, 2 * tail)
 
 
-def summarize(recs: Sequence[dict], rule: Rule | None, name: str) -> dict:
-    runs = [replay(r, rule) for r in recs]
+def summarize(recs: Sequence[dict], rule: Rule | None, name: str, *, min_gap: int = 0) -> dict:
+    runs = [replay(r, rule, min_gap=min_gap) for r in recs]
     base = [bool(r["correct"]) for r in recs]
     corr = [r["correct"] for r in runs]
     n, k = len(runs), sum(corr)
@@ -238,22 +244,28 @@ CONSISTENCY_GRID = (2, 3, 4)
 CALIBRATED_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
+GAP_GRID = (0, 48, 96, 192)
+
+
 @dataclass
 class Choice:
     family: str
     setting: float
+    min_gap: int
     rule: Rule
     validation: dict
 
 
-def choose(val: Sequence[dict], family: str, grid: Sequence[float], make: Callable[[float], Rule], *, max_drop: float = 0.01) -> Choice | None:
-    """The setting that saves the most net tokens on validation while losing at most
-    ``max_drop`` accuracy there (observed); None when no setting qualifies."""
+def choose(val: Sequence[dict], family: str, grid: Sequence[float], make: Callable[[float], Rule], *, max_drop: float = 0.01,
+           gaps: Sequence[int] = GAP_GRID) -> Choice | None:
+    """The setting (and probe spacing) that saves the most net tokens on validation while losing
+    at most ``max_drop`` accuracy there (observed); None when no setting qualifies."""
     best = None
     for v in grid:
-        row = summarize(val, make(v), f"{family}:{v}")
-        if row["delta_vs_unlimited"] >= -max_drop - 1e-12 and (best is None or row["saved_net"] > best.validation["saved_net"]):
-            best = Choice(family, v, make(v), row)
+        for gap in gaps:
+            row = summarize(val, make(v), f"{family}:{v}", min_gap=gap)
+            if row["delta_vs_unlimited"] >= -max_drop - 1e-12 and (best is None or row["saved_net"] > best.validation["saved_net"] + 1e-12):
+                best = Choice(family, v, gap, make(v), row)
     return best
 
 
@@ -273,7 +285,8 @@ def analyse(recs: Sequence[dict], n_val: int, *, label: str = "", validation: Se
     for c in choices:
         if c is None:
             continue
-        row = summarize(test, c.rule, f"{c.family}:{c.setting:g} (val)")
+        gap = f", gap {c.min_gap}" if c.min_gap else ""
+        row = summarize(test, c.rule, f"{c.family}:{c.setting:g}{gap} (val)", min_gap=c.min_gap)
         row["validation_saved_net"] = c.validation["saved_net"]
         row["validation_delta"] = c.validation["delta_vs_unlimited"]
         rows.append(row)

@@ -126,10 +126,11 @@ def test_replay_equals_live_on_a_multi_step_scripted_trace():
     cases = [(EarlyExit(mode="consistency", k=k), offline.consistency_rule(k)) for k in (2, 3, 4)]
     cases += [(EarlyExit(threshold=t), offline.confidence_rule(t)) for t in (0.75, 0.95)]
     cases += [(EarlyExit(mode="calibrated", calibration=cal, threshold=t), offline.calibrated_rule(cal, t)) for t in (0.3, 0.6)]
+    cases += [(EarlyExit(mode="consistency", k=2, min_gap=gap), offline.consistency_rule(2)) for gap in (4, 6)]
     seen = set()
     for ctl, rule in cases:
         reply = collect(rt.chat([{"role": "user", "content": item.prompt}], GREEDY, controllers=[ctl]))
-        sim = offline.replay(rec, rule)
+        sim = offline.replay(rec, rule, min_gap=ctl.min_gap)
         assert (sim["thinking_tokens"], sim["probe_tokens"]) == (reply.stats.thinking_tokens, reply.stats.probe_tokens), ctl
         assert sim["pred"] == (reply.answer.split("{")[-1].rstrip("}") if sim["exited"] else sim["pred"])
         seen.add(sim["thinking_tokens"])
