@@ -12,7 +12,7 @@ import click
 
 from edge.cli.options import model_options, open_runtime, pop_sampling, sampling_options
 from edge.cli.text import TEXT, StdinText
-from edge.control.cli import control_options
+from edge.cli.controls import control_options
 
 HELP = """commands:
   /reset   forget the conversation
@@ -41,7 +41,7 @@ def _read(prompt: str, stdin: StdinText) -> str | None:
 def chat(system: str | None, hide_thinking: bool, no_think: bool, **kw) -> None:
     """Chat with a model (default: the bundled tiny-r1)."""
     from edge.cli.display import StreamPrinter
-    from edge.control.cli import build_controllers, pop_control
+    from edge.cli.controls import build_controllers, pop_control
     from edge.errors import EdgeError
 
     params = pop_sampling(kw)

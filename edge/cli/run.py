@@ -9,7 +9,7 @@ import click
 
 from edge.cli.options import model_options, open_runtime, pop_sampling, sampling_options
 from edge.cli.text import TEXT, StdinText
-from edge.control.cli import control_options
+from edge.cli.controls import control_options
 from edge.errors import PromptError
 
 
@@ -24,7 +24,7 @@ from edge.errors import PromptError
 @click.option("--no-think", is_flag=True, help="Skip thinking (close the think block in the prompt).")
 def run(prompt: str | None, system: str | None, hide_thinking: bool, as_json: bool, no_think: bool, **kw) -> None:
     """Answer PROMPT (or stdin when PROMPT is '-' or absent): answer on stdout, thinking on stderr."""
-    from edge.control.cli import build_controllers, pop_control
+    from edge.cli.controls import build_controllers, pop_control
 
     if prompt is None or prompt == "-":
         prompt = "" if sys.stdin.isatty() else StdinText().read()

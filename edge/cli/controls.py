@@ -1,4 +1,5 @@
-"""Command-line options of the reasoning controllers, shared by ``run`` and ``chat``."""
+"""Command-line options of the reasoning controllers, shared by ``run`` and ``chat`` (click code
+lives in ``edge.cli``; the controllers themselves in ``edge.control``)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def control_options(f: Callable) -> Callable:
         click.option("--answer-budget", type=int, default=None, help="Cap on answer tokens after thinking."),
         click.option("--budget-message", default=None, help="Text injected when the thinking budget runs out."),
         click.option("--early-exit", is_flag=True, help="Stop thinking once a probe answer is confident."),
-        click.option("--exit-threshold", type=float, default=0.95, show_default=True, help="Probe confidence needed to exit."),
-        click.option("--exit-mode", default="confidence", show_default=True, help="confidence | consistency | both"),
+        click.option("--exit-threshold", type=float, default=None, help="Probe confidence needed to exit (default 0.95; needs --early-exit)."),
+        click.option("--exit-mode", default=None, help="confidence | consistency | both (default confidence; needs --early-exit)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -53,7 +54,10 @@ def build_controllers(o: dict[str, Any]) -> list[Controller]:
             )
         )
     if o.get("early_exit"):
-        out.append(EarlyExit(threshold=o.get("exit_threshold", 0.95), mode=o.get("exit_mode", "confidence")))
-    elif o.get("exit_threshold", 0.95) != 0.95:
-        raise ConfigError("--exit-threshold needs --early-exit")
+        ee = {k: v for k, v in (("threshold", o.get("exit_threshold")), ("mode", o.get("exit_mode"))) if v is not None}
+        out.append(EarlyExit(**ee))  # EarlyExit's own defaults, written once
+    else:
+        for flag, key in (("--exit-threshold", "exit_threshold"), ("--exit-mode", "exit_mode")):
+            if o.get(key) is not None:
+                raise ConfigError(f"{flag} needs --early-exit")
     return out
