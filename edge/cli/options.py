@@ -34,6 +34,8 @@ def model_options(f: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True,
                      help="auto | cpu | cuda | metal; with an ONNX model also xnnpack | qnn | nnapi | coreml | dml | openvino | rocm | tensorrt | webgpu."),
         click.option("--gpu-layers", type=int, default=None, help="Layers to offload (-1 = all; default all when a GPU is used)."),
+        click.option("--timeout", type=float, default=None,
+                     help="With --backend remote: seconds to wait for each answer of the server (default 120); a server stalled longer is an error."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -56,7 +58,19 @@ def sampling_options(f: Callable) -> Callable:
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens")
-MODEL_KEYS = ("model", "backend", "n_ctx", "threads", "device", "gpu_layers")
+MODEL_KEYS = ("model", "backend", "n_ctx", "threads", "device", "gpu_layers", "timeout")
+
+
+def backend_only(backend: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Drop the options that belong to other backends; refuse one given to the wrong backend."""
+    if backend != "llamacpp":
+        opts.pop("gpu_layers", None)
+    timeout = opts.pop("timeout", None)
+    if timeout is not None:
+        if backend != "remote":
+            raise ConfigError("--timeout applies to --backend remote only")
+        opts["timeout"] = timeout
+    return opts
 
 
 def pop_sampling(kw: dict[str, Any]):
@@ -73,9 +87,7 @@ def open_runtime(kw: dict[str, Any]):
 
     backend = opts.pop("backend")
     model = opts.pop("model")
-    if backend != "llamacpp":
-        opts.pop("gpu_layers")
-    return Runtime(model, backend=backend, **opts)
+    return Runtime(model, backend=backend, **backend_only(backend, opts))
 
 
 def passthrough(f: Callable) -> Callable:

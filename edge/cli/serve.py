@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edge.cli.options import MODEL_KEYS, check_device, model_options
+from edge.cli.options import MODEL_KEYS, backend_only, check_device, model_options
 
 
 @click.command()
@@ -37,9 +37,7 @@ def serve(chat_template_file: str | None, **kw) -> None:
     from edge.server.run import serve as run_server
 
     backend, model = model_opts.pop("backend"), model_opts.pop("model")
-    if backend != "llamacpp":
-        model_opts.pop("gpu_layers")
-    with Runtime(model, backend=backend, chat_template=template, **model_opts) as rt:
+    with Runtime(model, backend=backend, chat_template=template, **backend_only(backend, model_opts)) as rt:
 
         def started(port: int) -> None:
             host = config.host if ":" not in config.host else f"[{config.host}]"
