@@ -33,6 +33,17 @@ Server features relied on (``edge-reason serve`` offers all; llama-server has th
   option; ``GET /props`` for ``chat_template``, ``bos_token``, ``eos_token``,
   ``default_generation_settings.n_ctx`` and edge-reason's ``edge.eos_token_ids`` /
   ``edge.add_bos`` (else found by tokenizing ``eos_token`` and comparing ``add_special``).
+
+Faults. Every request is bounded: ``connect_timeout`` seconds to connect, ``timeout`` seconds for
+the answer (one token's round trip, or a whole prompt's prefill). Every request this backend
+sends is idempotent - reads (``/v1/models``, ``/props``, ``/tokenize``, ``/detokenize``) and
+``max_tokens=1`` completions whose distribution is applied client-side only once it arrived, so
+no token is consumed twice - hence a request is retried, up to ``retries`` times with a short
+backoff, when the connection could not be made or was dropped before the answer arrived, and on
+500 / 502 / 504; 429 / 503 (busy, loading) are retried as ``Retry-After`` says. A timeout is
+never retried (a stalled server would be given the same work again and the wait would double).
+What remains is a :class:`~edge.errors.BackendError` that names the server and the request; a
+server's context-overflow answer (400) is a :class:`~edge.errors.PromptError`, as in process.
 """
 
 from __future__ import annotations
@@ -54,6 +65,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VOCAB = 1 << 18  # when the server does not say; grown if a larger id shows up
 MAX_RETRIES_BUSY = 30
+RETRY_STATUSES = frozenset({500, 502, 504})  # a failing or restarting server, a gateway in between
+BUSY_STATUSES = frozenset({429, 503})
+BACKOFF = 0.25  # seconds before the first retry, doubled each time
+
+
+class _ConnectFailed(Exception):
+    """The TCP (or TLS) connection could not be made; ``retry`` is False after a timeout."""
+
+    def __init__(self, reason: str, *, retry: bool) -> None:
+        super().__init__(reason)
+        self.retry = retry
 
 
 class Tokenizer(Protocol):
@@ -120,6 +142,8 @@ class RemoteBackend:
         api_key: str | None = None,
         top_logprobs: int = 20,
         timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+        retries: int = 2,
         model_name: str | None = None,
         n_vocab: int | None = None,
         tokenizer: Tokenizer | None = None,
@@ -131,10 +155,18 @@ class RemoteBackend:
             raise ConfigError(f"top_logprobs must be in [1, 20], got {top_logprobs}")
         if n_ctx is not None and n_ctx < 16:
             raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
+        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigError(f"retries must be a whole number >= 0, got {retries!r}")
         self._scheme, self._host, self._port = url.scheme, url.hostname, url.port
         self._root = url.path.rstrip("/").removesuffix("/v1")
+        self._url = f"{self._scheme}://{self._host}{':' + str(self._port) if self._port else ''}{self._root}/v1"
         self._api_key = api_key
-        self._timeout = timeout
+        self._timeout = float(timeout)
+        self._connect_timeout = float(connect_timeout)
+        self._retries = retries
         self._conn: http.client.HTTPConnection | None = None
         self._closed = False
         self._k = top_logprobs
@@ -175,7 +207,7 @@ class RemoteBackend:
         self.info = BackendInfo(
             name="remote",
             device="remote",
-            model_path=f"{self._scheme}://{self._host}{':' + str(self._port) if self._port else ''}{self._root}/v1",
+            model_path=self._url,
             n_ctx=self._n_ctx,
             extra={"server_model": self.model_name, "top_logprobs": self._k, "server_backend": meta.get("backend"), "server_device": meta.get("device")},
         )
@@ -184,13 +216,52 @@ class RemoteBackend:
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
             cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-            self._conn = cls(self._host, self._port, timeout=self._timeout)
+            conn = cls(self._host, self._port, timeout=self._connect_timeout)
+            try:
+                conn.connect()
+            except TimeoutError:
+                conn.close()
+                raise _ConnectFailed(f"no connection within {self._connect_timeout:g} s", retry=False) from None
+            except OSError as exc:
+                conn.close()
+                raise _ConnectFailed(_reason(exc), retry=True) from None
+            self._conn = conn
         return self._conn
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _exchange(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[http.client.HTTPResponse, bytes]:
+        """One request and its whole answer, within ``timeout`` seconds of sending it."""
+        conn = self._connection()
+        sock = conn.sock
+        deadline = time.monotonic() + self._timeout
+
+        def arm() -> None:  # the socket waits at most until the deadline
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+
+        arm()
+        conn.request(method, self._root + path, body=data, headers=headers)
+        arm()
+        resp = conn.getresponse()
+        body = bytearray()
+        while not resp.isclosed():
+            arm()
+            chunk = resp.read1(1 << 16)
+            if not chunk:
+                break
+            body += chunk
+        if resp.length:  # the connection closed before the announced length
+            raise http.client.IncompleteRead(bytes(body), resp.length)
+        resp.close()  # done with this answer: the connection may carry the next request
+        if resp.will_close:
+            self._drop_connection()
+        return resp, bytes(body)
 
     def _request(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> Any:
         if self._closed:
@@ -201,33 +272,61 @@ class RemoteBackend:
             headers["Content-Type"] = "application/json"
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        busy = 0
+        what = f"{method} {path}"
+        busy = retried = attempts = 0
         reconnected = False
+
+        def retry() -> bool:  # bounded, with backoff; every request here is idempotent
+            nonlocal retried
+            if retried >= self._retries:
+                return False
+            time.sleep(BACKOFF * 2**retried)
+            retried += 1
+            return True
+
         while True:
+            reused = self._conn is not None
+            attempts += 1
             try:
-                conn = self._connection()
-                conn.request(method, self._root + path, body=data, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
-            except (ConnectionError, http.client.HTTPException, TimeoutError, OSError) as exc:
-                self._drop_connection()
-                if not reconnected and not isinstance(exc, TimeoutError):
-                    reconnected = True  # a kept-alive connection the server closed: retry once
+                resp, raw = self._exchange(method, path, data, headers)
+            except _ConnectFailed as exc:
+                if exc.retry and retry():
                     continue
-                raise BackendError(f"the server at {self.info.model_path if hasattr(self, 'info') else self._host} cannot be reached: {exc}") from None
+                raise BackendError(f"the server at {self._url} cannot be reached ({exc}); is it running at that address?") from None
+            except TimeoutError:
+                self._drop_connection()
+                raise BackendError(
+                    f"the server at {self._url} did not answer {what} within {self._timeout:g} s; "
+                    "it may be stalled or overloaded (if it is only slow, raise the timeout)"
+                ) from None
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop_connection()
+                if reused and not reconnected:
+                    reconnected = True  # a kept-alive connection the server had closed: reconnect at once
+                    continue
+                if retry():
+                    continue
+                raise BackendError(f"the server at {self._url} dropped the connection during {what} ({_reason(exc)}){_attempts(attempts)}") from None
             self.requests += 1
-            if resp.status in (429, 503) and busy < MAX_RETRIES_BUSY:
+            if resp.status in BUSY_STATUSES and busy < MAX_RETRIES_BUSY:
                 busy += 1
-                time.sleep(min(float(resp.getheader("Retry-After") or 1), 10.0))
+                time.sleep(min(_seconds(resp.getheader("Retry-After")), 10.0))
+                continue
+            if resp.status in RETRY_STATUSES and retry():
                 continue
             if resp.status == 404 and missing_ok:
                 return None
+            if resp.status == 400 and _is_context_overflow(raw):
+                raise PromptError(
+                    f"the prompt does not fit the server's context ({_error_message(raw)}); "
+                    "use a shorter prompt or a server with a larger context"
+                )
             if resp.status >= 400:
-                raise BackendError(f"the server answered {resp.status} to {method} {path}: {_error_message(raw)}")
+                raise BackendError(f"the server at {self._url} answered {resp.status} to {what}{_attempts(attempts)}: {_error_message(raw)}")
             try:
                 return json.loads(raw)
             except ValueError:
-                raise BackendError(f"the server sent invalid JSON for {method} {path}") from None
+                raise BackendError(f"the server at {self._url} sent invalid JSON for {what}") from None
 
     def _get(self, path: str, *, missing_ok: bool = False) -> Any:
         return self._request("GET", path, missing_ok=missing_ok)
@@ -377,6 +476,44 @@ class RemoteBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """A short human reason for a socket or HTTP failure."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "closed without an answer"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"answer cut off after {len(exc.partial)} bytes"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _attempts(n: int) -> str:
+    return f" after {n} attempts" if n > 1 else ""
+
+
+def _seconds(header: str | None) -> float:
+    try:
+        return max(float(header), 0.0) if header else 1.0
+    except ValueError:
+        return 1.0  # an HTTP date: wait the default
+
+
+def _is_context_overflow(raw: bytes) -> bool:
+    """A 400 answer saying the prompt exceeds the context (llama-server, vLLM, OpenAI, edge-reason)."""
+    try:
+        err = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        return False
+    if not isinstance(err, dict):
+        return False
+    if err.get("type") == "exceed_context_size_error" or err.get("code") == "context_length_exceeded":
+        return True
+    msg = str(err.get("message", "")).lower()
+    return "context" in msg and any(w in msg for w in ("exceed", "maximum", "too long", "too large"))
 
 
 def _error_message(raw: bytes) -> str:

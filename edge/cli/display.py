@@ -28,10 +28,13 @@ class StreamPrinter:
         self.summary_shown = False
         self.answer_started = False
         self.thinking_tokens = 0
+        self._err_open = self._out_open = False  # a line begun and not ended
 
     def _err(self, text: str) -> None:
         self.err.write(click.style(text, dim=True) if self.dim else text)
         self.err.flush()
+        if text:
+            self._err_open = not text.endswith("\n")
 
     def handle(self, ev: Event) -> None:
         if isinstance(ev, ThinkingDelta):
@@ -44,6 +47,8 @@ class StreamPrinter:
             self.answer_started = True
             self.out.write(ev.text)
             self.out.flush()
+            if ev.text:
+                self._out_open = not ev.text.endswith("\n")
         elif isinstance(ev, ControlEvent):
             if ev.kind == "thinking_done":
                 self._close_thinking(ev.detail["seconds"], ev.detail["tokens"])
@@ -55,6 +60,7 @@ class StreamPrinter:
             if self.answer_started:
                 self.out.write("\n")
                 self.out.flush()
+                self._out_open = False
 
     def _close_thinking(self, seconds: float | None = None, tokens: int | None = None) -> None:
         if not self.in_thinking or seconds is None:
@@ -71,4 +77,17 @@ class StreamPrinter:
                 self.handle(ev)
                 yield ev
 
-        return collect(tee())
+        try:
+            return collect(tee())
+        except BaseException:
+            self.end_lines()  # so that the error printed next has a line of its own
+            raise
+
+    def end_lines(self) -> None:
+        """End the lines a stream cut short left open."""
+        if self._out_open:
+            self.out.write("\n")
+            self.out.flush()
+            self._out_open = False
+        if self._err_open:
+            self._err("\n")

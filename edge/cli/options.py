@@ -40,6 +40,8 @@ def model_options(f: Callable) -> Callable:
         click.option("--reasoning-prompt", default=None, metavar="STYLE|TEXT",
                      help="Make an instruct model reason in <think>: a system instruction (style 'step' or 'r1', or your own "
                           "text) and an opened think block. Not needed for R1-Distill and other reasoning models."),
+        click.option("--timeout", type=float, default=None,
+                     help="With --backend remote: seconds to wait for each answer of the server (default 120); a server stalled longer is an error."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -62,7 +64,7 @@ def sampling_options(f: Callable) -> Callable:
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens")
-MODEL_KEYS = ("model", "backend", "n_ctx", "ctx_beyond_training", "threads", "device", "gpu_layers", "reasoning_prompt")
+MODEL_KEYS = ("model", "backend", "n_ctx", "ctx_beyond_training", "threads", "device", "gpu_layers", "reasoning_prompt", "timeout")
 
 
 def pop_sampling(kw: dict[str, Any]):
@@ -81,6 +83,11 @@ def pop_model_options(kw: dict[str, Any]) -> tuple[str | None, str, dict[str, An
         opts.pop("gpu_layers")
     if backend == "remote" or not opts["ctx_beyond_training"]:
         opts.pop("ctx_beyond_training")  # the remote server has its own context
+    timeout = opts.pop("timeout", None)
+    if timeout is not None:
+        if backend != "remote":
+            raise ConfigError("--timeout applies to --backend remote only")
+        opts["timeout"] = timeout
     return model, backend, opts
 
 

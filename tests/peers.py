@@ -1,0 +1,102 @@
+"""llama.cpp's own programs (``llama-server``, ``llama-bench``) built by ``.ci/build-peers``, and a
+``llama-server`` started on a loopback port for a test.
+
+A binary is found through ``EDGE_LLAMA_SERVER`` / ``EDGE_LLAMA_BENCH`` (``.ci/run`` exports them),
+else in the build cache (``~/.cache/edge-reason/bin/llama-*/``, the newest build). Without one the
+tests that need it skip locally and fail under CI (``CI=true``), so CI never passes by skipping them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CACHE = Path.home() / ".cache" / "edge-reason" / "bin"
+ENV = {"llama-server": "EDGE_LLAMA_SERVER", "llama-bench": "EDGE_LLAMA_BENCH"}
+
+
+def find_peer(name: str) -> Path | None:
+    """The path of llama.cpp's ``name`` program, or None."""
+    explicit = os.environ.get(ENV[name])
+    if explicit:
+        return Path(explicit) if os.access(explicit, os.X_OK) else None
+    built = [p for p in CACHE.glob(f"llama-*/{name}") if os.access(p, os.X_OK)]
+    return max(built, key=lambda p: p.stat().st_mtime) if built else None
+
+
+def require_peer(name: str) -> Path:
+    """The program's path; skips the test without it, or fails it under CI."""
+    path = find_peer(name)
+    if path is None and os.environ.get(ENV[name]):
+        pytest.fail(f"{ENV[name]}={os.environ[ENV[name]]} is not an executable file", pytrace=False)
+    if path is None:
+        why = f"{name} is not built (run: bash .ci/build-peers, or set {ENV[name]})"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{why}; CI must run these tests", pytrace=False)
+        pytest.skip(why)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """``llama-server`` on 127.0.0.1 serving one GGUF, set up as the in-process backend is by
+    default, so that greedy replies match token for token: one slot (its prompt cache follows one
+    sequence, as the in-process KV cache does), one thread, flash attention off (llama-server's
+    "auto" turns it on, and its different rounding changes SmolLM2's greedy reply after 3 tokens)."""
+
+    def __init__(self, binary: Path, model: Path, *, n_ctx: int = 1024, extra: tuple[str, ...] = (), startup: float = 60.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port), "-c", str(n_ctx),
+               "-np", "1", "-t", "1", "-tb", "1", "-fa", "off", "--no-webui", *extra]
+        self.log = open(os.devnull, "w") if not os.environ.get("EDGE_PEER_LOG") else open(os.environ["EDGE_PEER_LOG"], "a")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + startup
+        while True:
+            if self.proc.poll() is not None:
+                self.log.close()
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode} at start: {' '.join(cmd)} (EDGE_PEER_LOG=FILE keeps its log)")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
+                    if json.loads(r.read()).get("status") == "ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"llama-server did not become ready within {startup:g} s")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """Dies at once, as a crashed server does (SIGKILL)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+    def __enter__(self) -> "LlamaServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
