@@ -311,3 +311,18 @@ def test_llamacpp_score_rows_equal_one_by_one_decoding(smol):
         b.rollback(len(prompt) - k)
         one = np.stack([b.eval([t]) for t in prompt[-k:]])
         assert np.array_equal(rows, one)
+
+
+def test_switches_reach_the_params():
+    from edge.cli.options import pop_sampling
+    from edge.errors import ConfigError
+    from edge.server.protocol import Limits, sampling_params
+
+    kw = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, seed=None, max_tokens=8, speculate=True)
+    assert pop_sampling(kw).speculate is True
+    assert sampling_params({"speculate": True}, Limits()).speculate is True
+    assert sampling_params({}, Limits()).speculate is False
+    with pytest.raises(Exception):
+        sampling_params({"speculate": "yes"}, Limits())
+    with pytest.raises(ConfigError):
+        SamplingParams(speculate=1)
