@@ -55,6 +55,12 @@ class Stats:
     finish_reason: str = "stop"
     exit_reason: str | None = None
     backend: dict[str, Any] = field(default_factory=dict)
+    # speculative decoding (all 0 when it is off): drafted tokens verified, drafted tokens
+    # committed, model evaluations made for the generated tokens, and those tokens
+    draft_tokens: int = 0
+    draft_accepted: int = 0
+    model_steps: int = 0
+    model_step_tokens: int = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -69,8 +75,20 @@ class Stats:
         n = self.completion_tokens + self.probe_tokens + self.injected_tokens + self.retracted_tokens
         return n / self.decode_seconds if self.decode_seconds > 0 and n else None
 
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of drafted tokens accepted (None without speculation)."""
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """Generated tokens per model evaluation (None without speculation, where it is 1)."""
+        return self.model_step_tokens / self.model_steps if self.model_steps else None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["acceptance_rate"] = self.acceptance_rate
+        d["tokens_per_step"] = self.tokens_per_step
         d["completion_tokens"] = self.completion_tokens
         d["prefill_tokens_per_second"] = self.prefill_tokens_per_second
         d["decode_tokens_per_second"] = self.decode_tokens_per_second

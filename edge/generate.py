@@ -29,6 +29,7 @@ from edge.errors import PromptError
 from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta
 from edge.params import SamplingParams
 from edge.sampling import Sampled, make_sampler, token_logprob
+from edge.speculative import SpeculativeConfig, Speculator
 from edge.think import ANSWER, DEFAULT_TAGS, THINKING, TagPair, ThinkParser
 
 
@@ -281,8 +282,10 @@ def generate(
     controllers: Sequence[Controller] = (),
     cancel: threading.Event | None = None,
     cache: PromptCache | None = None,
+    speculation: SpeculativeConfig | None = None,
 ) -> Iterator[Event]:
-    """Yield events for one reply to ``prompt_tokens``; the last event is always ``Done``."""
+    """Yield events for one reply to ``prompt_tokens``; the last event is always ``Done``.
+    ``speculation`` sets up speculative decoding when ``params.speculate`` turns it on."""
     t0 = time.perf_counter()
     stats = Stats(backend=backend.info.to_dict())
     parser = ThinkParser(tags, start_in_thinking=start_in_thinking)
@@ -300,6 +303,12 @@ def generate(
     want_logprob = params.logprobs or any(getattr(c, "needs_logprobs", False) for c in controllers)
 
     gen.logits, reused = prefill(backend, prompt_tokens, cache)
+    # the loop commits its tokens through `commit`; with speculation, a wrapper that serves them
+    # from verified draft rows and shows everyone else the cache of committed tokens only
+    spec = Speculator(backend, speculation, limit=max_tokens) if params.speculate else None
+    if spec is not None:
+        backend = gen.backend = spec
+    commit = spec.step if spec is not None else backend.eval
     t_prefill = time.perf_counter()
     stats.prompt_tokens = len(prompt_tokens)
     stats.backend["cached_prompt_tokens"] = reused
@@ -315,7 +324,7 @@ def generate(
         """Evaluate committed tokens and turn their text into events."""
         nonlocal t_think_end
         was_thinking = parser.thinking
-        gen.logits = backend.eval(tokens)
+        gen.logits = commit(tokens)
         history.extend(tokens)
         text = whole.get(tokens[0]) if len(tokens) == 1 and not gen.pending_bytes else None
         if text is None:
@@ -435,7 +444,7 @@ def generate(
         if text is not None and emitter.block == (THINKING if thinking else ANSWER) and (
             thinking or not emitter.stop
         ) and (tag_start not in text if tag_start is not None else False):
-            gen.logits = backend.eval([tok])
+            gen.logits = commit([tok])
             history.append(tok)
             if text:
                 if thinking:
@@ -466,6 +475,11 @@ def generate(
             break
         if emitter.stopped:
             break
+    if spec is not None:
+        spec.sync()  # the cache holds the committed tokens only
+        s = spec.stats
+        stats.draft_tokens, stats.draft_accepted = s.drafted, s.accepted
+        stats.model_steps, stats.model_step_tokens = s.steps, s.tokens
     tail = decoder.decode(b"", final=True)
     yield from emitter.pieces(gen, parser.feed(tail) + parser.finish(), final=True)
     t_end = time.perf_counter()

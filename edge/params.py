@@ -89,6 +89,9 @@ class SamplingParams:
     ``temperature == 0`` means greedy decoding. ``max_tokens`` bounds every generated token
     (thinking and answer); thinking-specific limits live in the budget controllers. ``seed``
     None or -1 draws a random seed; ``repeat_last_n`` -1 looks at the whole history.
+    ``speculate`` turns on speculative decoding from n-gram lookup over the prompt and the trace
+    (:mod:`edge.speculative`): the same tokens (the same distribution when sampling, the same
+    text for a seeded run), fewer model steps when the trace repeats itself.
     """
 
     temperature: float = 0.6
@@ -103,6 +106,7 @@ class SamplingParams:
     top_logprobs: int = 0
     logprobs: bool = False
     ignore_eos: bool = False
+    speculate: bool = False
 
     def __post_init__(self) -> None:
         checked = {
@@ -118,6 +122,7 @@ class SamplingParams:
             "top_logprobs": check_int("top_logprobs", self.top_logprobs, 0, 20),
             "logprobs": _check_bool("logprobs", self.logprobs),
             "ignore_eos": _check_bool("ignore_eos", self.ignore_eos),
+            "speculate": _check_bool("speculate", self.speculate),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -218,6 +218,9 @@ class Runtime:
             raise
         self._lock = threading.RLock()
         self._prompt_cache = PromptCache()
+        #: settings of speculative decoding for calls whose params say ``speculate=True``
+        #: (None: the defaults of :class:`~edge.speculative.SpeculativeConfig`)
+        self.speculation = None
         self._closed = False
 
     # -- prompts -------------------------------------------------------------------------------
@@ -327,6 +330,7 @@ class Runtime:
                     controllers=controllers,
                     cancel=cancel,
                     cache=self._prompt_cache,
+                    speculation=self.speculation,
                 )
             finally:
                 self._lock.release()

@@ -7,6 +7,8 @@ API directly so that each step costs one ``llama_decode`` and one logits copy:
 - ``eval`` fills a batch this backend owns (``llama_batch_init``, freed in ``close()``) with
   explicit positions after the cache, asks for the last token's logits only, and copies
   ``llama_get_logits_ith(ctx, -1)``;
+- ``score`` evaluates a batch asking for every position's logits (a speculative draft is
+  verified in one ``llama_decode``);
 - ``rollback`` calls ``llama_memory_seq_rm(mem, 0, n, -1)``: the cache is truncated in place,
   nothing is re-evaluated.
 """
@@ -367,6 +369,37 @@ class LlamaCppBackend:
             self._decode(n_past)
             self._tokens.extend(chunk)
         return self._logits()
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        """Evaluate ``tokens`` after the cache in one batch and return the logits after every
+        one of them (float32, ``[len(tokens), n_vocab]``): every batch position asks for its
+        logits. What a speculative draft is verified with: one model step for all rows."""
+        self._check_open()
+        tokens = list(tokens)
+        n = len(tokens)
+        if not tokens:
+            raise BackendError("score needs at least one token")
+        if len(self._tokens) + n > self.n_ctx:
+            raise PromptError(
+                f"{len(self._tokens) + n} tokens do not fit the context of {self.n_ctx}; "
+                "use a larger --ctx or a shorter prompt"
+            )
+        if n > self._n_batch:  # longer than one batch: chunk by chunk (not a speculative draft)
+            return np.concatenate([self.score(tokens[i : i + self._n_batch]) for i in range(0, n, self._n_batch)])
+        batch, n_past = self._batch, len(self._tokens)
+        batch.n_tokens = n
+        for j, tok in enumerate(tokens):
+            batch.token[j] = tok
+            batch.pos[j] = n_past + j
+            batch.logits[j] = 1
+        self._decode(n_past)
+        self._tokens.extend(tokens)
+        # the rows of every output, in batch order, are contiguous from the first one
+        addr = self._logits_addr_of(self._ctx, 0)
+        if not addr:
+            raise BackendError("llama.cpp returned no logits")
+        rows = np.ctypeslib.as_array(ctypes.cast(addr, ctypes.POINTER(ctypes.c_float)), shape=(n, self._n_vocab))
+        return rows.copy()
 
     def _decode(self, n_past: int) -> None:
         rc = self._lib.llama_decode(self._ctx, self._batch)

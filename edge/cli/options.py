@@ -57,13 +57,16 @@ def sampling_options(f: Callable) -> Callable:
         click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
         click.option("--seed", type=int, default=None, help="Sampling seed (runs are reproducible with one); -1 or none = random, as in llama.cpp."),
         click.option("--max-tokens", type=int, default=4096, show_default=True, help="Cap on generated tokens (thinking + answer)."),
+        click.option("--speculate/--no-speculate", default=False, show_default=True,
+                     help="Speculative decoding from n-gram lookup over the prompt and the reasoning so far: the same "
+                          "output, fewer model steps when the trace repeats itself."),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens", "speculate")
 MODEL_KEYS = ("model", "backend", "n_ctx", "ctx_beyond_training", "threads", "device", "gpu_layers", "reasoning_prompt", "timeout")
 
 

@@ -19,6 +19,8 @@ Fields beyond OpenAI's (all optional):
 - ``reasoning_prompt``: ``"step"``, ``"r1"``, an instruction text, or ``false``/``"none"``: prompted
   reasoning for instruct models (see :mod:`edge.reasoning`; default: ``serve --reasoning-prompt``);
 - ``top_k``, ``min_p``, ``repeat_penalty`` (llama-server style sampling extras);
+- ``speculate`` (true/false): speculative decoding from n-gram lookup (same output, see
+  :mod:`edge.speculative`);
 - ``return_tokens_as_token_ids`` (vLLM style): logprob tokens are written ``token_id:N``.
 
 A message with role ``developer`` (what current OpenAI clients send in place of ``system``) is
@@ -158,7 +160,7 @@ def _object(body: dict, name: str) -> dict | None:
 # -- pieces ------------------------------------------------------------------------------------
 # Sampling fields passed to SamplingParams as sent: it checks types and ranges (the same check
 # as the CLI and the Python API); a ConfigError becomes a 400 naming the field.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "speculate")
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range for this API; the library itself allows more
 
 
