@@ -25,6 +25,10 @@ class PromptError(EdgeError, ValueError):
     """The prompt is empty or does not fit the context."""
 
 
+class ContextLengthError(PromptError):
+    """The prompt (or prompt plus generation) does not fit the model's context."""
+
+
 class ConfigError(EdgeError, ValueError):
     """An option has a bad value (unknown device, negative budget, threshold outside [0, 1], ...).
 

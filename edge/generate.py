@@ -25,7 +25,7 @@ import numpy as np
 
 from edge.backends.base import Backend, common_prefix
 from edge.control.base import Action, Controller
-from edge.errors import PromptError
+from edge.errors import ContextLengthError, PromptError
 from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta
 from edge.params import SamplingParams
 from edge.sampling import Sampled, make_sampler, token_logprob
@@ -255,7 +255,7 @@ def prefill(backend: Backend, prompt_tokens: Sequence[int], cache: PromptCache |
     if not prompt_tokens:
         raise PromptError("the prompt is empty")
     if len(prompt_tokens) >= backend.n_ctx:
-        raise PromptError(
+        raise ContextLengthError(
             f"the prompt is {len(prompt_tokens)} tokens but the context holds {backend.n_ctx}; "
             "use a larger --ctx or a shorter prompt"
         )

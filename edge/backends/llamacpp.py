@@ -29,7 +29,7 @@ from edge.backends.context import check_context
 from edge.backends.cpu import check_threads, default_threads
 from edge.backends.devices import LLAMACPP_DEVICES
 from edge.backends.gguf_meta import read_metadata, trained_context
-from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
+from edge.errors import BackendError, ConfigError, ContextLengthError, InvalidModelError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ class LlamaCppBackend:
         if not tokens:
             raise BackendError("eval needs at least one token")
         if len(self._tokens) + len(tokens) > self.n_ctx:
-            raise PromptError(
+            raise ContextLengthError(
                 f"{len(self._tokens) + len(tokens)} tokens do not fit the context of {self.n_ctx}; "
                 "use a larger --ctx or a shorter prompt"
             )
@@ -380,7 +380,7 @@ class LlamaCppBackend:
         if not tokens:
             raise BackendError("score needs at least one token")
         if len(self._tokens) + n > self.n_ctx:
-            raise PromptError(
+            raise ContextLengthError(
                 f"{len(self._tokens) + n} tokens do not fit the context of {self.n_ctx}; "
                 "use a larger --ctx or a shorter prompt"
             )

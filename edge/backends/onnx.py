@@ -34,7 +34,7 @@ from edge.backends.base import BackendInfo
 from edge.backends.context import check_trained_length
 from edge.backends.cpu import check_threads, default_threads
 from edge.backends.devices import ONNX_DEVICES, ONNX_PROVIDERS
-from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError, PromptError
+from edge.errors import BackendError, ConfigError, ContextLengthError, InvalidModelError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ class OnnxBackend:
 
     def _check_room(self, n: int) -> None:
         if len(self._tokens) + n > self._n_ctx:
-            raise PromptError(
+            raise ContextLengthError(
                 f"{len(self._tokens) + n} tokens do not fit the context of {self._n_ctx}; use a larger --ctx or a shorter prompt"
             )
 

@@ -43,7 +43,7 @@ backoff, when the connection could not be made or was dropped before the answer 
 500 / 502 / 504; 429 / 503 (busy, loading) are retried as ``Retry-After`` says. A timeout is
 never retried (a stalled server would be given the same work again and the wait would double).
 What remains is a :class:`~edge.errors.BackendError` that names the server and the request; a
-server's context-overflow answer (400) is a :class:`~edge.errors.PromptError`, as in process.
+server's context-overflow answer (400) is a :class:`~edge.errors.ContextLengthError`, as in process.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from edge.backends.base import BackendInfo
-from edge.errors import BackendError, ConfigError, PromptError
+from edge.errors import BackendError, ConfigError, ContextLengthError
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ class RemoteBackend:
             if resp.status == 404 and missing_ok:
                 return None
             if resp.status == 400 and _is_context_overflow(raw):
-                raise PromptError(
+                raise ContextLengthError(
                     f"the prompt does not fit the server's context ({_error_message(raw)}); "
                     "use a shorter prompt or a server with a larger context"
                 )
@@ -420,7 +420,7 @@ class RemoteBackend:
             raise BackendError("eval needs at least one token")
         seq = self._tokens + tokens
         if len(seq) > self._n_ctx:
-            raise PromptError(f"{len(seq)} tokens do not fit the context of {self._n_ctx}; use a shorter prompt or a server with a larger context")
+            raise ContextLengthError(f"{len(seq)} tokens do not fit the context of {self._n_ctx}; use a shorter prompt or a server with a larger context")
         body = {
             "prompt": seq,
             "max_tokens": 1,

@@ -45,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edge.errors import BackendError, ChatTemplateError, ConfigError, EdgeError, PromptError
+from edge.errors import BackendError, ChatTemplateError, ConfigError, ContextLengthError, EdgeError, PromptError
 from edge.events import ControlEvent, Done, Event
 from edge.server.config import ServerConfig, key_matches
 from edge.server.logprobs import LogprobRecorder
@@ -69,9 +69,10 @@ def domain_error(exc: EdgeError) -> ApiError:
         return ApiError(503, str(exc), type="server_error", code="model_closed")
     if isinstance(exc, ChatTemplateError):  # the server's template failed on this request
         return ApiError(500, str(exc), type="server_error", code="chat_template_error")
+    if isinstance(exc, ContextLengthError):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, PromptError):
-        code = "context_length_exceeded" if "context" in str(exc) else "invalid_prompt"
-        return ApiError(400, str(exc), param="messages", code=code)
+        return ApiError(400, str(exc), param="messages", code="invalid_prompt")
     if isinstance(exc, ConfigError):
         return ApiError(400, str(exc), code="invalid_value")
     if isinstance(exc, BackendError):
