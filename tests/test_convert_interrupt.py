@@ -69,20 +69,24 @@ def gone_within(marker: str, seconds: float) -> bool:
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
 def test_ctrl_c_and_sigterm_stop_a_quantize_at_once_and_leave_nothing(big_f32, tmp_path, sig, code):
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    proc = start_quantize(big_f32, out_dir / "m.gguf")
-    try:
-        wait_for_quantizing(out_dir, proc)
-        time.sleep(0.3)
-        assert proc.poll() is None, "quantized before the signal: make the test model larger"
-        t0 = time.monotonic()
-        os.killpg(proc.pid, sig)  # what Ctrl-C does: the signal to the foreground process group
-        _, err = proc.communicate(timeout=30)
-        stopped = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    for attempt in range(3):
+        out_dir = tmp_path / f"out{attempt}"
+        out_dir.mkdir()
+        proc = start_quantize(big_f32, out_dir / "m.gguf")
+        try:
+            wait_for_quantizing(out_dir, proc)
+            time.sleep(0.1)
+            assert proc.poll() is None, "quantized before the signal: make the test model larger"
+            t0 = time.monotonic()
+            os.killpg(proc.pid, sig)  # what Ctrl-C does: the signal to the foreground process group
+            _, err = proc.communicate(timeout=30)
+            stopped = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if proc.returncode == 0 and "wrote" in err:
+            continue  # the quantizer finished between the last check and the signal (a loaded machine): again
+        break
     assert proc.returncode == code, err
     assert stopped < 1.5, f"took {stopped:.2f} s to stop"
     assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.strip()]) <= 1, err
