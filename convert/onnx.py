@@ -2,29 +2,50 @@
 
 The decoder graph (Qwen2 / Llama, i.e. the R1-Distill families) is written directly from the
 checkpoint's weights with :mod:`onnx` (standard opset-17 operators; ONNX Runtime fuses the
-RMSNorm pattern itself), then quantized with ONNX Runtime's own tools. The fp32, fp16 and
-dynamic-int8 graphs use standard operators only; the MatMulNBits types (int4, blockwise int8)
-need ONNX Runtime's contrib kernels (CPU, CUDA, WebGPU, ...):
+RMSNorm pattern itself). The fp32, fp16 and dynamic-int8 graphs use standard operators only;
+the MatMulNBits types (int4, blockwise int8) are written with ONNX Runtime's contrib operators
+(CPU, CUDA, WebGPU, ...), one weight at a time, as :mod:`convert.onnx_quant` plans them:
 
 * ``fp32``: the weights as they are (float32);
 * ``fp16``: MatMul weights and the embedding stored as float16 (half the file), cast to float32
   when the session loads them (ONNX Runtime folds the casts), compute stays float32;
-* ``int8`` (``int8_method="blockwise"``, the default): 8-bit ``MatMulNBits`` (symmetric RTN,
-  ``block_size``, weight-only). As accurate as GGUF q8_0 (table below);
+* ``int8`` (``int8_method="blockwise"``, the default): every weight 8-bit, symmetric, blocks of
+  32 (``MatMulNBits``, the embedding ``GatherBlockQuantized``). As accurate as GGUF q8_0;
 * ``int8`` with ``int8_method="dynamic"``: ``onnxruntime.quantization.quantize_dynamic`` on the
   weight MatMuls (QInt8 per output channel, activations quantized per tensor at run time:
   MatMulInteger, standard ONNX operators, for runtimes without ONNX Runtime's contrib kernels).
   Rounding every activation tensor to 8 bits costs ~40x the KL of blockwise int8, so it is not
-  the default; attention MatMuls stay float32 in both;
-* ``int4``: ``MatMulNBitsQuantizer`` (RTN, symmetric, ``block_size`` 32 by default) on the
-  weight MatMuls; the output projection gets ``lm_head_bits`` = 8 by default (as llama.cpp's
-  Q4_K_M keeps output.weight at 6 bits).
+  the default; attention MatMuls stay float32 in both; the embedding is float16;
+* ``int4``: mixed 4/8-bit (:data:`convert.onnx_quant.INT4`): the MLP weights 4-bit with a zero
+  point per block of 32 (round to nearest; GPTQ optional), except in the first and last
+  quarter of the layers; the attention projections, those layers' MLPs and the output
+  projection 8-bit (blocks of 128); the embedding table 4-bit like the MLP (8-bit, shared
+  with the lm_head, when they are tied). Measured choices, below.
 
-MatMulNBits' ``accuracy_level`` defaults to 4 (int8 compute on CPU): on tiny-r1 it made decoding
-~10x faster for 8-bit and ~1.4x for 4-bit weights, with top-1 agreement within 0.003 of
-accuracy level 0 (ONNX Runtime's default). Pass another level to override.
+How int4 was chosen. On Qwen2.5-Coder-0.5B-Instruct (bf16, rebuilt from its Q4_K_M GGUF),
+verify's texts (330 positions), weights fake-quantized one group at a time (KL of that group
+alone; the groups add up): every weight at 4-bit RTN, blocks of 32, costs 0.084 symmetric
+(ONNX Runtime's quantizer default) and 0.062 with zero points; the MLP alone 0.036 (blocks of
+64: 0.045), spread over all layers but highest in the last and first ones (per 3 layers, from
+layer 0: 0.004 0.006 0.003 0.002 0.003 0.004 0.005 0.009); the attention projections 0.024 at
+4 bits (v alone 0.011) for 12% of the weights; the lm_head 0.017 at 4 bits, 8e-5 at 8; the
+embedding 0.005 at 4-bit symmetric, 0.0015 asymmetric, 5e-7 at 8 bits. 8 bits cost ~1/250 of
+4-bit KL, so the plan spends bytes where 4 bits hurt most per byte, within 1.1x the GGUF
+Q4_K_M's size. GPTQ (calibration: the built-in texts, 566 tokens) measured *worse* than RTN
+on that model (MLP KL 0.050 vs 0.036) and is not the default. Results against GGUF:
+benchmarks/results/formats.md.
 
-In the quantized types the embedding table is stored as float16 (it is a Gather, not a MatMul).
+MatMulNBits' ``accuracy_level`` defaults to 4 (int8 compute on CPU): 8-bit weights at level 0
+decode ~20x slower (their CPU kernel dequantizes the whole matrix per call), 4-bit ones about
+as fast; KL on the 0.5B model 0.0146 at level 4 vs 0.0153 at 0 (4-bit weights), i.e. no loss.
+
+Memory. The MatMulNBits types keep their weights in ``model.onnx.data`` (page-aligned), which
+ONNX Runtime memory-maps: weights it repacks at load time are unmapped afterwards and the
+embedding table is paged in only row by row, so a session holds about the file size, not twice
+it (0.5B int4: 522 MB resident, 652 MB peak at load, vs 730 / 859 MB with the weights inside
+model.onnx). Their KV cache is float16 (``kv_dtype``; attention computes in float32 on a cast
+copy, KL +0.0004 on the 0.5B model, decoding speed unchanged).
+
 q/k/v and gate/up projections are exported as one MatMul each (weights concatenated along the
 output axis, which per-column and blockwise quantization treat exactly as separate matrices).
 
@@ -84,6 +105,7 @@ export and fail a broken one; measure your own model and override them if needed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -97,6 +119,9 @@ import numpy as np
 
 from edge.convert._files import temp_dir
 from edge.convert.hf import Checkpoint, resolve_source
+from edge.convert.onnx_quant import (
+    BLOCK_SIZES, Calibration, Packed, QuantPlan, default_calibration_texts, default_plan, gptq, quantize_rtn,
+)
 from edge.convert.verify import Thresholds, VerifyReport
 from edge.errors import ConfigError, ConversionError, InvalidModelError, ModelNotFoundError, OutputExistsError
 
@@ -104,12 +129,13 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_TYPES = ("fp32", "fp16", "int8", "int4")
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
 
 INT8_METHODS = ("blockwise", "dynamic")
+KV_DTYPES = ("float32", "float16")
 LM_HEAD_BITS = (4, 8)
 LM_HEAD_NODE = "/lm_head/MatMul"
+EMBED = "model.embed_tokens.weight"
 
 MANIFEST = "edge_onnx.json"
 MODEL_FILE = "model.onnx"
@@ -244,29 +270,100 @@ class _Builder:
         return outs[0] if outputs == 1 else outs
 
 
-def _weight(b: _Builder, name: str, w: np.ndarray, weights: str) -> str:
-    """A MatMul weight ``w`` ([in, out]) as an initializer, float16 + Cast for ``fp16``."""
-    if weights == "fp16":
-        from onnx import TensorProto
+class _Weights:
+    """Writes the weight MatMuls: float32, float16 + Cast (``fp16``), or, with a
+    :class:`~edge.convert.onnx_quant.QuantPlan`, ``MatMulNBits`` with the plan's bits for that
+    weight, rounded by RTN or GPTQ (``calibration`` holds GPTQ's input Hessians)."""
 
-        return b.op("Cast", b.init(name, w.astype(np.float16)), name=f"/{name}/Cast", to=TensorProto.FLOAT)
-    return b.init(name, w.astype(np.float32))
+    def __init__(self, b: _Builder, weights: str, plan: QuantPlan | None = None, calibration: Any = None) -> None:
+        self.b, self.weights, self.plan, self.calibration = b, weights, plan, calibration
+
+    def matmul(self, x: str, name: str, w: np.ndarray, role: str, layer: int | None, node: str) -> str:
+        """``x @ w`` for the weight ``w`` ([in, out]) called ``name``, in the node ``node``."""
+        b = self.b
+        if self.plan is None:
+            if self.weights == "fp16":
+                from onnx import TensorProto
+
+                weight = b.op("Cast", b.init(name, w.astype(np.float16)), name=f"/{name}/Cast", to=TensorProto.FLOAT)
+            else:
+                weight = b.init(name, w.astype(np.float32))
+            return b.op("MatMul", x, weight, name=node)
+        return self.matmul_nbits(x, name, self.pack(w, role, layer, name), node)
+
+    def pack(self, w: np.ndarray, role: str, layer: int | None, name: str) -> Packed:
+        quant = self.plan.for_weight(role, layer).fit(w.shape[0])
+        if self.plan.method == "gptq" and quant.bits == 4 and layer is not None:
+            return gptq(w, self.calibration.hessian(layer, role), quant)
+        return quantize_rtn(w, quant, name)
+
+    def add_packed(self, name: str, p: Packed) -> list[str]:
+        """Initializers ``name``_Q{bits}, _scales and (asymmetric) _zero_points."""
+        inputs = [self.b.init(f"{name}_Q{p.quant.bits}", p.data), self.b.init(f"{name}_scales", p.scales)]
+        if p.zero_points is not None:
+            inputs.append(self.b.init(f"{name}_zero_points", p.zero_points))
+        return inputs
+
+    def matmul_nbits(self, x: str, name: str, p: Packed, node: str, inputs: list[str] | None = None) -> str:
+        """``x @ p`` in a MatMulNBits node; ``inputs``: p's initializers when already added."""
+        attrs = {"K": p.k, "N": p.n, "bits": p.quant.bits, "block_size": p.quant.block_size}
+        if self.plan.accuracy_level:  # 0 = unset: left out, as ONNX Runtime's quantizer does
+            attrs["accuracy_level"] = self.plan.accuracy_level
+        return self.b.op("MatMulNBits", x, *(inputs or self.add_packed(name, p)), name=f"{node}_Q{p.quant.bits}",
+                         domain="com.microsoft", **attrs)
 
 
-def _linear(b: _Builder, x: str, prefix: str, parts: list[str], read, weights: str, bias: bool) -> list[str]:
+def _linear(b: _Builder, W: _Weights, x: str, prefix: str, parts: list[str], read, bias: bool) -> list[str]:
     """One MatMul for the projections ``parts`` of ``prefix`` (e.g. q/k/v), split afterwards:
     one larger GEMM instead of several small ones. Weights are concatenated along the output
     axis, so per-column and blockwise (along the input axis) quantization are unaffected."""
     names = [f"{prefix}.{part}" for part in parts]
     ws = [read(f"{n}.weight").T for n in names]  # HF stores [out, in]; MatMul wants [in, out]
-    merged = names[0] if len(names) == 1 else f"{prefix}.{'_'.join(p.removesuffix('_proj') for p in parts)}_proj"
-    y = b.op("MatMul", x, _weight(b, f"{merged}.weight", np.concatenate(ws, axis=1), weights), name=f"/{merged}/MatMul")
+    short = "_".join(p.removesuffix("_proj") for p in parts)
+    merged = names[0] if len(names) == 1 else f"{prefix}.{short}_proj"
+    layer = int(prefix.split(".")[2])
+    role = {"q_k_v": "qkv", "gate_up": "gate_up"}.get(short, short)
+    y = W.matmul(x, f"{merged}.weight", np.concatenate(ws, axis=1), role, layer, f"/{merged}/MatMul")
     if bias:
         bias_init = b.init(f"{merged}.bias", np.concatenate([read(f"{n}.bias") for n in names]))
         y = b.op("Add", y, bias_init, name=f"/{merged}/Add")
     if len(names) == 1:
         return [y]
     return b.op("Split", y, b.const([w.shape[1] for w in ws]), axis=-1, outputs=len(names))
+
+
+def _embedding(b: _Builder, W: _Weights, emb: np.ndarray, head: Packed | None, head_inputs: list[str] | None, hidden: int) -> str:
+    """The token embeddings of ``input_ids``: a Gather on the float table (float16 + Cast for
+    the fp16 type), or with a quantization plan a ``GatherBlockQuantized`` that dequantizes only
+    the looked-up rows. ``head`` is the packed, tied lm_head (initializers ``head_inputs``):
+    its table is read in place."""
+    from onnx import TensorProto
+
+    if W.plan is None:
+        table = b.init(EMBED, emb.astype(np.float16 if W.weights == "fp16" else np.float32))
+        if W.weights == "fp16":
+            table = b.op("Cast", table, name=f"/{EMBED}/Cast", to=TensorProto.FLOAT)
+        return b.op("Gather", table, "input_ids", axis=0, name="/model/embed_tokens/Gather")
+    if head is not None:
+        # MatMulNBits' [vocab, blocks, block bytes] table, gathered on axis 0 and dequantized per
+        # block (axis 2); scales and zero points reshaped to [vocab, blocks, 1].
+        data, scales, *zp = head_inputs
+        shape = b.const([head.n, head.scales.shape[1], 1])
+        inputs = [data, "input_ids", b.op("Reshape", scales, shape, name="/model/embed_tokens/scales")]
+        if zp:
+            inputs.append(b.init(f"{EMBED}_zero_points", head.unpacked_zero_points().reshape(head.n, -1, 1)))
+        rows = b.op("GatherBlockQuantized", *inputs, name="/model/embed_tokens/GatherBlockQuantized", domain="com.microsoft",
+                    bits=head.quant.bits, block_size=head.quant.block_size, gather_axis=0, quantize_axis=2)
+        rows = b.op("Reshape", rows, b.const([0, 0, -1]), name="/model/embed_tokens/Reshape")
+        packed = head
+    else:
+        packed = W.pack(emb.T, "embedding", None, EMBED)
+        data, *rest = W.add_packed(EMBED, dataclasses.replace(packed, data=packed.data.reshape(packed.n, -1)))
+        rows = b.op("GatherBlockQuantized", data, "input_ids", *rest, name="/model/embed_tokens/GatherBlockQuantized",
+                    domain="com.microsoft", bits=packed.quant.bits, block_size=packed.quant.block_size, gather_axis=0, quantize_axis=1)
+    if packed.scales.shape[1] * packed.quant.block_size != hidden:  # the last block was padded
+        rows = b.op("Slice", rows, b.const([0]), b.const([hidden]), b.const([-1]), name="/model/embed_tokens/Slice")
+    return rows
 
 
 def _rms_norm(b: _Builder, x: str, prefix: str, read, eps: float) -> str:
@@ -333,8 +430,11 @@ def _safetensors(file: Path) -> tuple[np.memmap, dict[str, Any]]:
         raise ConversionError(f"{file}: cannot read the safetensors header ({exc})") from None
 
 
-def build_model(ckpt: Checkpoint, shape: Shape, weights: str):
-    """The decoder graph for ``ckpt`` as an ``onnx.ModelProto`` (fp32 or fp16 weights)."""
+def build_model(ckpt: Checkpoint, shape: Shape, weights: str, plan: QuantPlan | None = None, calibration: Any = None,
+                kv_dtype: str = "float32"):
+    """The decoder graph for ``ckpt`` as an ``onnx.ModelProto``: fp32 or fp16 weights, or with
+    ``plan`` quantized weights (MatMulNBits, GatherBlockQuantized) written directly; the KV
+    cache inputs/outputs in ``kv_dtype`` (float32 or float16)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -342,15 +442,21 @@ def build_model(ckpt: Checkpoint, shape: Shape, weights: str):
     infos = read.names
 
     s, b = shape, _Builder()
+    W = _Weights(b, weights, plan, calibration)
     d, half, group = s.head_dim, s.head_dim // 2, s.heads // s.kv_heads
-    big = weights != "fp32"  # embeddings in float16 for fp16/int8/int4
 
-    # Embedding; a tied lm_head gets its own transposed copy (MatMul needs [hidden, vocab]).
-    emb = read("model.embed_tokens.weight")
-    emb_init = b.init("model.embed_tokens.weight", emb.astype(np.float16 if big else np.float32))
-    if big:
-        emb_init = b.op("Cast", emb_init, name="/model.embed_tokens.weight/Cast", to=TensorProto.FLOAT)
-    x = b.op("Gather", emb_init, "input_ids", axis=0, name="/model/embed_tokens/Gather")
+    # Embedding. A tied lm_head in float gets its own transposed copy (MatMul needs [hidden,
+    # vocab]); quantized with the embedding's bits, it is stored once and the lookup reads it.
+    if not s.tied and "lm_head.weight" not in infos:
+        raise ConversionError(f"{ckpt.folder}: no lm_head.weight and tie_word_embeddings is false")
+    emb = read(EMBED)
+    tied_head = tied_inputs = None
+    if plan is not None and s.tied and plan.lm_head_bits == plan.embedding_bits:
+        tied_head = W.pack(emb.T, "lm_head", None, "lm_head.weight")
+        tied_inputs = W.add_packed("lm_head.weight", tied_head)
+    x = _embedding(b, W, emb, tied_head, tied_inputs, s.hidden)
+    head = emb if s.tied and tied_head is None else None  # the float table a tied lm_head still needs
+    del emb
 
     # RoPE tables for the new positions: [batch, 1, seq, head_dim].
     pos = b.op("Cast", "position_ids", to=TensorProto.FLOAT)
@@ -379,6 +485,8 @@ def build_model(ckpt: Checkpoint, shape: Shape, weights: str):
     ]
     graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "kept_length", s.vocab])]
     kv_shape = ["batch_size", s.kv_heads, "past_sequence_length", d]
+    kv_half = kv_dtype == "float16"
+    kv_type = TensorProto.FLOAT16 if kv_half else TensorProto.FLOAT
     present_shape = ["batch_size", s.kv_heads, "total_sequence_length", d]
 
     for i in range(s.layers):
@@ -388,64 +496,101 @@ def build_model(ckpt: Checkpoint, shape: Shape, weights: str):
         def heads(y: str, n: int) -> str:  # [batch, seq, n*d] -> [batch, n, seq, d]
             return b.op("Transpose", b.op("Reshape", y, b.const([0, 0, n, d])), perm=[0, 2, 1, 3])
 
-        q, k, v = _linear(b, h, f"{p}.self_attn", ["q_proj", "k_proj", "v_proj"], read, weights, s.qkv_bias)
+        q, k, v = _linear(b, W, h, f"{p}.self_attn", ["q_proj", "k_proj", "v_proj"], read, s.qkv_bias)
         q, k, v = heads(q, s.heads), heads(k, s.kv_heads), heads(v, s.kv_heads)
         q, k = _rotate(b, q, cos, sin, half), _rotate(b, k, cos, sin, half)
 
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
-        graph_inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in (past_k, past_v)]
-        graph_outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in (present_k, present_v)]
+        graph_inputs += [helper.make_tensor_value_info(n, kv_type, kv_shape) for n in (past_k, past_v)]
+        graph_outputs += [helper.make_tensor_value_info(n, kv_type, present_shape) for n in (present_k, present_v)]
+        if kv_half:  # the cache holds float16; attention computes in float32 on a cast copy
+            k, v = (b.op("Cast", t, to=TensorProto.FLOAT16) for t in (k, v))
         b.nodes.append(helper.make_node("Concat", [past_k, k], [present_k], name=f"/{p}/present_key", axis=2))
         b.nodes.append(helper.make_node("Concat", [past_v, v], [present_v], name=f"/{p}/present_value", axis=2))
+        keys, values = present_k, present_v
+        if kv_half:
+            keys, values = (b.op("Cast", t, to=TensorProto.FLOAT) for t in (present_k, present_v))
 
         # Grouped-query attention without repeating K/V: queries [batch, kv, group, seq, d]
         # against keys [batch, kv, 1, total, d], broadcast over the group axis.
         qg = b.op("Reshape", b.op("Mul", q, scale), b.const([0, s.kv_heads, group, -1, d]))
-        kg = b.op("Unsqueeze", present_k, b.const([2]))
-        vg = b.op("Unsqueeze", present_v, b.const([2]))
+        kg = b.op("Unsqueeze", keys, b.const([2]))
+        vg = b.op("Unsqueeze", values, b.const([2]))
         scores = b.op("Add", b.op("MatMul", qg, b.op("Transpose", kg, perm=[0, 1, 2, 4, 3])), mask)
         attn = b.op("MatMul", b.op("Softmax", scores, axis=-1), vg)
         attn = b.op("Reshape", attn, b.const([0, s.heads, -1, d]))
         attn = b.op("Reshape", b.op("Transpose", attn, perm=[0, 2, 1, 3]), b.const([0, 0, s.heads * d]))
-        (o,) = _linear(b, attn, f"{p}.self_attn", ["o_proj"], read, weights, s.o_bias)
+        (o,) = _linear(b, W, attn, f"{p}.self_attn", ["o_proj"], read, s.o_bias)
         x = b.op("Add", x, o)
 
         h = _rms_norm(b, x, f"{p}.post_attention_layernorm", read, s.eps)
-        gate, up = _linear(b, h, f"{p}.mlp", ["gate_proj", "up_proj"], read, weights, s.mlp_bias)
+        gate, up = _linear(b, W, h, f"{p}.mlp", ["gate_proj", "up_proj"], read, s.mlp_bias)
         act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
-        (down,) = _linear(b, act, f"{p}.mlp", ["down_proj"], read, weights, s.mlp_bias)
+        (down,) = _linear(b, W, act, f"{p}.mlp", ["down_proj"], read, s.mlp_bias)
         x = b.op("Add", x, down)
 
     x = _rms_norm(b, x, "model.norm", read, s.eps)
     # Only the last ``logits_to_keep`` positions reach lm_head (0 keeps all, as in transformers).
     start = b.op("Neg", b.op("Unsqueeze", "logits_to_keep", b.const([0])))
     x = b.op("Slice", x, start, b.const([np.iinfo(np.int64).max]), b.const([1]))
-    if s.tied or "lm_head.weight" not in infos:
-        if not s.tied:
-            raise ConversionError(f"{ckpt.folder}: no lm_head.weight and tie_word_embeddings is false")
-        head = emb
+    if tied_head is not None:
+        logits = W.matmul_nbits(x, "lm_head.weight", tied_head, LM_HEAD_NODE, tied_inputs)
     else:
-        head = read("lm_head.weight")
-    logits = b.op("MatMul", x, _weight(b, "lm_head.weight", head.T, weights), name=LM_HEAD_NODE)
+        head = head if head is not None else read("lm_head.weight")
+        logits = W.matmul(x, "lm_head.weight", head.T, "lm_head", None, LM_HEAD_NODE)
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
 
-    graph = helper.make_graph(b.nodes, f"{s.arch}-decoder", graph_inputs, graph_outputs, initializer=b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edge-reason")
+    graph = helper.make_graph(b.nodes, f"{s.arch}-decoder", graph_inputs, graph_outputs)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if plan is not None else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edge-reason")
     model.ir_version = IR_VERSION
-    return onnx.shape_inference.infer_shapes(model) if _nbytes(model) < EXTERNAL_DATA_MIN_BYTES else model
+    b.inits.reverse()
+    while b.inits:  # moved one at a time (protobuf copies on append): the weights are never held twice
+        model.graph.initializer.append(b.inits.pop())
+    if plan is not None or _nbytes(model) >= EXTERNAL_DATA_MIN_BYTES:
+        return model  # shape inference copies the model twice (and knows no contrib operators)
+    return onnx.shape_inference.infer_shapes(model)
 
 
 def _nbytes(model) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def _save(model, path: Path) -> None:
+def _save(model, path: Path, *, external: bool | None = None) -> None:
+    """Write ``model`` to ``path``; with ``external`` (default: when the weights exceed
+    :data:`EXTERNAL_DATA_MIN_BYTES`) the tensors go to :data:`DATA_FILE` next to it."""
     import onnx
 
-    external = _nbytes(model) >= EXTERNAL_DATA_MIN_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    if external is None:
+        external = _nbytes(model) >= EXTERNAL_DATA_MIN_BYTES
+    if external:
+        _write_external_data(model, path.parent / DATA_FILE)
+    onnx.save_model(model, str(path))
+
+
+def _write_external_data(model, data_path: Path, *, min_bytes: int = 1024, align: int = 4096,
+                         align_from: int = 65536) -> None:
+    """Move the tensors of ``model`` of at least ``min_bytes`` into ``data_path``; tensors of at
+    least ``align_from`` bytes start on an ``align`` boundary (a page: no two large tensors share
+    one). ONNX Runtime memory-maps the file: a tensor it repacks at load time (MatMulNBits) is
+    unmapped afterwards, and the embedding rows are paged in only when looked up."""
+    from onnx import TensorProto
+
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            if len(t.raw_data) < min_bytes:
+                continue
+            if len(t.raw_data) >= align_from:
+                f.write(b"\0" * (-f.tell() % align))
+            offset = f.tell()
+            f.write(t.raw_data)
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            del t.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(f.tell() - offset))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
 
 
 # -- quantization ------------------------------------------------------------------------------
@@ -481,31 +626,6 @@ def _quantize_dynamic_int8(src: Path, out: Path, external: bool) -> int:
             extra_options={"MatMulConstBOnly": True},
         )
     return sum(n.op_type == "MatMulInteger" for n in onnx.load(str(out), load_external_data=False).graph.node)
-
-
-def _quantize_nbits(src: Path, out: Path, external: bool, *, bits: int, block_size: int,
-                    accuracy_level: int | None, lm_head_bits: int | None = None) -> int:
-    """Weight-only blockwise quantization (MatMulNBits, symmetric RTN) of the weight MatMuls;
-    with ``lm_head_bits`` the output projection gets that many bits instead."""
-    import onnx
-
-    with _quiet_quantizers():
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-        def run(model, n_bits: int, **nodes):
-            config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
-                                                  accuracy_level=accuracy_level, bits=n_bits)
-            quant = MatMulNBitsQuantizer(model, bits=n_bits, block_size=block_size, is_symmetric=True,
-                                         accuracy_level=accuracy_level, algo_config=config, **nodes)
-            quant.process()
-            return quant.model
-
-        split = lm_head_bits is not None and lm_head_bits != bits
-        model = run(onnx.load(str(src)), bits, nodes_to_exclude=[LM_HEAD_NODE] if split else None)
-        if split:
-            model = run(model.model, lm_head_bits, nodes_to_include=[LM_HEAD_NODE])
-        model.save_model_to_file(str(out), use_external_data_format=external)
-    return sum(n.op_type == "MatMulNBits" for n in model.model.graph.node)
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -573,7 +693,7 @@ def _write_metadata(ckpt: Checkpoint, dst: Path, meta: dict[str, Any]) -> None:
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
 
 
-def _smoke_test(folder: Path, shape: Shape) -> dict[str, list[str]]:
+def _smoke_test(folder: Path, shape: Shape, kv_dtype: str) -> dict[str, list[str]]:
     """Load the written model and run two tokens, so a broken export never reaches OUT_DIR."""
     import onnxruntime as ort
 
@@ -589,7 +709,7 @@ def _smoke_test(folder: Path, shape: Shape) -> dict[str, list[str]]:
     }
     for i in range(shape.layers):
         for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, shape.kv_heads, 0, shape.head_dim), np.float32)
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, shape.kv_heads, 0, shape.head_dim), kv_dtype)
     logits = sess.run(["logits"], feeds)[0]
     if logits.shape != (1, 1, shape.vocab) or not np.isfinite(logits).all():
         raise ConversionError(f"the exported model produced bad logits (shape {logits.shape}); please report this")
@@ -602,35 +722,45 @@ def to_onnx(
     *,
     weights: str = "fp32",
     force: bool = False,
-    block_size: int = 32,
+    block_size: int | None = None,
     accuracy_level: int | None = None,
     int8_method: str = "blockwise",
-    lm_head_bits: int = 8,
+    lm_head_bits: int | None = None,
+    quant: QuantPlan | None = None,
+    calibration_texts: list[str] | tuple[str, ...] | None = None,
+    kv_dtype: str | None = None,
     revision: str | None = None,
 ) -> Path:
     """Export ``src`` (HF folder or hub repo id) to the ONNX model folder ``out_dir``.
 
     ``weights`` is one of :data:`WEIGHT_TYPES`. ``int8_method`` picks ``blockwise`` (8-bit
-    MatMulNBits) or ``dynamic`` (quantize_dynamic) int8; ``block_size`` and
-    ``accuracy_level`` apply to the MatMulNBits types (int4, blockwise int8); ``lm_head_bits``
-    (8 or 4) is the int4 export's output projection. The folder appears only when everything succeeded; an existing ``out_dir`` is
-    refused unless ``force``. Returns the folder's path.
+    MatMulNBits) or ``dynamic`` (quantize_dynamic) int8. The MatMulNBits types (int4, blockwise
+    int8) follow ``quant`` (a :class:`~edge.convert.onnx_quant.QuantPlan`; default
+    :func:`~edge.convert.onnx_quant.default_plan`), whose ``block_size``, ``accuracy_level``
+    and ``lm_head_bits`` these shortcuts override. ``calibration_texts`` feed the ``gptq``
+    method (default :func:`~edge.convert.onnx_quant.default_calibration_texts`). The folder appears
+    only when everything succeeded; an existing ``out_dir`` is refused unless ``force``.
+    Returns the folder's path.
     """
     weights = str(weights).lower()
     if weights not in WEIGHT_TYPES:
         raise ConfigError(f"unknown weights type {weights!r}; choose one of: {', '.join(WEIGHT_TYPES)}")
-    if block_size not in BLOCK_SIZES:
+    if block_size is not None and block_size not in BLOCK_SIZES:
         raise ConfigError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
     if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
         raise ConfigError(f"accuracy level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, got {accuracy_level}")
     if int8_method not in INT8_METHODS:
         raise ConfigError(f"unknown int8 method {int8_method!r}; choose one of: {', '.join(INT8_METHODS)}")
-    if lm_head_bits not in LM_HEAD_BITS:
+    if lm_head_bits is not None and lm_head_bits not in LM_HEAD_BITS:
         raise ConfigError(f"lm_head bits must be 4 or 8, got {lm_head_bits}")
-    if accuracy_level is None and (weights == "int4" or (weights == "int8" and int8_method == "blockwise")):
-        # int8 compute: 8-bit MatMulNBits runs ~10x, 4-bit ~1.4x faster on CPU, at no measurable
-        # cost in top-1 agreement (module docstring)
-        accuracy_level = 4
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+        raise ConfigError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    if kv_dtype == "float16" and weights == "int8" and int8_method == "dynamic":
+        raise ConfigError("int8 --int8-method dynamic keeps a float32 KV cache (its graph is quantized afterwards)")
+    nbits = weights == "int4" or (weights == "int8" and int8_method == "blockwise")
+    plan = default_plan(weights, quant, block_size=block_size, accuracy_level=accuracy_level,
+                        lm_head_bits=lm_head_bits) if nbits else None
+    kv_dtype = kv_dtype or ("float16" if nbits else "float32")
     out = _check_out_dir(out_dir, force=force)
     try:
         import onnx  # noqa: F401
@@ -641,33 +771,34 @@ def to_onnx(
 
     with Checkpoint(folder) as ckpt:
         shape = Shape(ckpt.config, folder / "config.json")
+        if plan is not None:
+            plan = plan.resolve(shape.layers, shape.tied)
         meta = _token_meta(ckpt)
+        calibration = None
+        if plan is not None and plan.method == "gptq":
+            logger.info("measuring GPTQ's input Hessians on the calibration texts")
+            calibration = Calibration(folder, calibration_texts or default_calibration_texts(),
+                                      lambda layer, role: plan.for_weight(role, layer).bits == 4)
         with _atomic_dir(out) as tmp:
             logger.info("building the %s graph (%s weights)", shape.arch, weights)
-            model = build_model(ckpt, shape, "fp16" if weights == "fp16" else "fp32")
-            external = _nbytes(model) >= EXTERNAL_DATA_MIN_BYTES
             quantized = 0
-            if weights in ("int8", "int4"):
-                # Quantize from an fp32 graph whose embedding is float16 (see the module docstring).
-                model = _fp16_embedding(model)
+            if weights == "int8" and int8_method == "dynamic":
+                # Quantized from an fp32 graph whose embedding is float16 (see the module docstring).
+                model = _fp16_embedding(build_model(ckpt, shape, "fp32"))
+                external = _nbytes(model) >= EXTERNAL_DATA_MIN_BYTES
                 with tempfile.TemporaryDirectory(dir=tmp) as work:
                     fp32 = Path(work) / MODEL_FILE
                     _save(model, fp32)
                     del model
                     logger.info("quantizing to %s", weights)
-                    if weights == "int8" and int8_method == "dynamic":
-                        quantized = _quantize_dynamic_int8(fp32, tmp / MODEL_FILE, external)
-                    elif weights == "int8":
-                        quantized = _quantize_nbits(fp32, tmp / MODEL_FILE, external, bits=8, block_size=block_size,
-                                                    accuracy_level=accuracy_level)
-                    else:
-                        quantized = _quantize_nbits(fp32, tmp / MODEL_FILE, external, bits=4, block_size=block_size,
-                                                    accuracy_level=accuracy_level, lm_head_bits=lm_head_bits)
+                    quantized = _quantize_dynamic_int8(fp32, tmp / MODEL_FILE, external)
             else:
-                _save(model, tmp / MODEL_FILE)
+                model = build_model(ckpt, shape, "fp16" if weights == "fp16" else "fp32", plan, calibration, kv_dtype)
+                quantized = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+                _save(model, tmp / MODEL_FILE, external=True if plan is not None else None)
                 del model
-            io = _smoke_test(tmp, shape)
-            nbits = weights == "int4" or (weights == "int8" and int8_method == "blockwise")
+            del calibration
+            io = _smoke_test(tmp, shape, kv_dtype)
             _write_metadata(ckpt, tmp, meta)
             manifest = {
                 "format": "edge-onnx",
@@ -675,10 +806,13 @@ def to_onnx(
                 "architecture": shape.arch,
                 "weights": weights,
                 "int8_method": int8_method if weights == "int8" else None,
-                "block_size": block_size if nbits else None,
-                "accuracy_level": accuracy_level if nbits else None,
-                "symmetric": True if nbits else None,
-                "lm_head_bits": lm_head_bits if weights == "int4" else None,
+                "block_size": (plan.block_size if weights == "int4" else plan.int8_block_size) if plan else None,
+                "accuracy_level": plan.accuracy_level if plan else None,
+                "symmetric": (plan.symmetric if weights == "int4" else True) if plan else None,
+                "lm_head_bits": plan.lm_head_bits if weights == "int4" else None,
+                "quantization": plan.describe() if plan else None,
+                "tensors": plan.summary(shape.layers) if plan else None,
+                "embedding": _embedding_kind(weights, plan, shape.tied),
                 "quantized_matmuls": quantized,
                 "source": str(src),
                 "model_file": MODEL_FILE,
@@ -689,7 +823,7 @@ def to_onnx(
                 "head_dim": shape.head_dim,
                 "vocab_size": shape.vocab,
                 "max_position_embeddings": shape.max_positions,
-                "kv_dtype": "float32",
+                "kv_dtype": kv_dtype,
                 "opset": OPSET,
                 "onnxruntime": onnxruntime.__version__,
                 **{k: v for k, v in meta.items() if k != "tokenizer_config"},
@@ -698,6 +832,15 @@ def to_onnx(
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     logger.info("wrote %s (%s)", out, weights)
     return out
+
+
+def _embedding_kind(weights: str, plan: QuantPlan | None, tied: bool) -> str:
+    """How the manifest describes the embedding table's storage."""
+    if plan is None:
+        return "float32" if weights == "fp32" else "float16"
+    quant = plan.for_weight("embedding", None)
+    shared = tied and plan.lm_head_bits == plan.embedding_bits
+    return f"GatherBlockQuantized {quant.label()}" + (", shared with lm_head" if shared else "")
 
 
 def _fp16_embedding(model):

@@ -80,6 +80,7 @@ class TinySpec:
     kv_heads: int = 2
     ffn: int = 512
     vocab: int = 640  # tokenizer vocab target; the model's vocab_size is padded above it
+    pad_vocab: int = 64  # embedding rows beyond the tokenizer's (a large table with a small tokenizer)
     tied: bool = False
     init_range: float = 0.02  # layers: small, so quantization noise is not amplified layer by layer
     embed_std: float = 0.045  # embeddings: large enough that outputs are peaked (see build_checkpoint)
@@ -132,7 +133,7 @@ def build_checkpoint(folder: Path, spec: TinySpec) -> Path:
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(folder)
 
-    n_vocab = -(-len(raw.get_vocab()) // 64) * 64 + 64  # padded, like real checkpoints
+    n_vocab = -(-len(raw.get_vocab()) // 64) * 64 + spec.pad_vocab  # padded, like real checkpoints
     common = dict(
         hidden_size=spec.hidden,
         num_hidden_layers=spec.layers,

@@ -151,12 +151,51 @@ def test_quantized_exports_meet_their_thresholds(kind, ckpts, onnx_of):
     assert report.max_abs_logit_diff > 0  # really quantized
 
 
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+
+
 def test_exports_shrink_with_the_weight_type(onnx_of):
-    sizes = {kind: (onnx_of("qwen2", kind) / "model.onnx").stat().st_size for kind in WEIGHTS}
+    sizes = {kind: weight_bytes(onnx_of("qwen2", kind)) for kind in WEIGHTS}
     assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] > sizes["int4"]
     manifest = json.loads((onnx_of("qwen2", "int4") / "edge_onnx.json").read_text())
-    # 2 layers x (qkv, o, gate_up, down) at 4 bits + lm_head at 8 bits
+    # 2 layers x (qkv, o, gate_up, down) + lm_head, all MatMulNBits; the plan is recorded
     assert manifest["quantized_matmuls"] == 9 and manifest["lm_head_bits"] == 8 and manifest["block_size"] == 32
+    assert manifest["quantization"]["method"] == "rtn" and manifest["symmetric"] is False
+    assert set(manifest["tensors"]) == {"qkv", "o", "gate_up", "down", "lm_head", "embedding"}
+    assert manifest["kv_dtype"] == "float16" and manifest["external_data"] == ["model.onnx.data"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int4_keeps_a_large_embedding_small(tied, tmp_path):
+    """A checkpoint whose embedding dominates (as in small real models: 136M of Qwen2.5-0.5B's
+    494M parameters): the int4 folder is smaller than the float32 table alone, no float copy
+    of the table is stored, a tied table is stored once, and the export still passes verify."""
+    import onnx
+    from onnx import TensorProto
+
+    from edge.convert import verify
+    from edge.convert.onnx import to_onnx
+
+    spec = TinySpec("qwen2", hidden=128, ffn=256, layers=1, heads=4, kv_heads=2, tied=tied, pad_vocab=8192)
+    src = build_checkpoint(tmp_path / "src", spec)
+    config = json.loads((src / "config.json").read_text())
+    table = config["vocab_size"] * config["hidden_size"]  # values in the embedding
+    folder = to_onnx(src, tmp_path / "int4", weights="int4")
+    size = weight_bytes(folder)
+    assert size < 4 * table  # smaller than the fp32 embedding alone
+    # ~8 bits a value (the embedding and lm_head defaults): a quarter of float32 per table
+    assert size < (0.35 if tied else 0.6) * 4 * table, size / (4 * table)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    inits = {t.name: (t.data_type, int(np.prod(t.dims))) for t in model.graph.initializer}
+    floats = [name for name, (dtype, n) in inits.items() if dtype in (TensorProto.FLOAT, TensorProto.FLOAT16) and n >= table // 8]
+    assert not floats  # only scales (one per block) are float
+    tables = [name for name, (dtype, n) in inits.items() if dtype == TensorProto.UINT8 and n >= table // 4]
+    assert len(tables) == (1 if tied else 2), tables
+    assert "GatherBlockQuantized" in {n.op_type for n in model.graph.node}
+    assert not [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]  # no float lookup
+    report = verify(src, folder, max_tokens=48, n_threads=1)
+    assert report.passed, report.failures
 
 
 def test_output_folder_is_self_contained(ckpts, onnx_of):
@@ -350,10 +389,11 @@ def test_external_data_and_a_folder_without_manifest(ckpts, onnx_of, tmp_path, m
     import edge.convert.onnx as conv
 
     monkeypatch.setattr(conv, "EXTERNAL_DATA_MIN_BYTES", 0)  # as for a model over ~1.5 GiB
-    folder = conv.to_onnx(ckpts["qwen2"], tmp_path / "ext", weights="int4")
+    folder = conv.to_onnx(ckpts["qwen2"], tmp_path / "ext", weights="fp32")
     assert (folder / "model.onnx.data").is_file()
     assert json.loads((folder / "edge_onnx.json").read_text())["external_data"] == ["model.onnx.data"]
-    plain = onnx_of("qwen2", "int4")
+    plain = onnx_of("qwen2", "fp32")
+    assert not (plain / "model.onnx.data").exists()  # fp32 under the threshold: one file
     with backend(folder) as a, backend(plain) as b:
         ids = a.tokenize("Let me think step by step.", add_bos=True)
         np.testing.assert_array_equal(a.score(ids), b.score(ids))
@@ -489,6 +529,39 @@ def test_cli_convert_then_run(ckpts, tmp_path, cli):
     reply = json.loads(proc.stdout)
     assert reply["stats"]["backend"]["name"] == "onnx" and reply["stats"]["backend"]["extra"]["weights"] == "int4"
     assert reply["stats"]["thinking_tokens"] == 4 and reply["stats"]["exit_reason"] == "budget"
+
+
+def test_cli_int4_options_are_recorded(ckpts, tmp_path, cli):
+    out = tmp_path / "int4"
+    proc = cli("convert", "onnx", str(ckpts["llama"]), str(out), "--weights", "int4", "--symmetric", "--block-size", "16",
+               "--embedding-bits", "8", "--int8-layers", "1", "--kv-dtype", "float32", "--accuracy-level", "0")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "edge_onnx.json").read_text())
+    assert manifest["quantization"] == {
+        "bits": 4, "block_size": 16, "symmetric": True, "attention_bits": 8, "lm_head_bits": 8, "embedding_bits": 8,
+        "int8_layers": [1], "int8_block_size": 128, "method": "rtn", "accuracy_level": 0}
+    assert manifest["tensors"]["down"] == "4-bit sym b16; 8-bit sym b128 in layers 1"  # the plan (b128 fitted to 64)
+    assert manifest["kv_dtype"] == "float32" and manifest["embedding"] == "GatherBlockQuantized 8-bit sym b128"
+    _one_line_error(cli("convert", "onnx", str(ckpts["llama"]), str(tmp_path / "bad"), "--weights", "int4",
+                        "--int8-layers", "7"), "int8 layers 7", "layers 0..1")
+
+
+def test_gptq_export(ckpts, tmp_path):
+    from dataclasses import replace
+
+    from edge.convert import verify
+    from edge.convert.onnx import to_onnx
+    from edge.convert.onnx_quant import INT4
+
+    texts = [" ".join(LOGIT_PROMPTS)] * 2 + ["def f(x):\n    return x * 2\n"]
+    rtn = to_onnx(ckpts["qwen2"], tmp_path / "rtn", weights="int4")
+    gptq = to_onnx(ckpts["qwen2"], tmp_path / "gptq", weights="int4", quant=replace(INT4, method="gptq"),
+                   calibration_texts=texts)
+    assert json.loads((gptq / "edge_onnx.json").read_text())["quantization"]["method"] == "gptq"
+    assert weight_bytes(gptq) == weight_bytes(rtn)  # same format, other integers
+    assert (gptq / "model.onnx.data").read_bytes() != (rtn / "model.onnx.data").read_bytes()
+    report = verify(ckpts["qwen2"], gptq, max_tokens=64, n_threads=1)
+    assert report.passed, report.failures
 
 
 def test_runtime_imports_no_torch(onnx_of):

@@ -122,26 +122,62 @@ def _report(report, *, as_json: bool) -> None:
 @click.option("--int8-method", default="blockwise", show_default=True, type=click.Choice(("blockwise", "dynamic")),
               help="int8: blockwise (8-bit MatMulNBits, as accurate as GGUF q8_0) or dynamic (quantize_dynamic: "
                    "standard ONNX ops, activations rounded per tensor, less accurate).")
-@click.option("--block-size", default=32, show_default=True, type=int, help="int4 / blockwise int8: quantization block size.")
+@click.option("--block-size", type=click.Choice(("16", "32", "64", "128", "256")),
+              help="int4: block size of the 4-bit weights [32]; blockwise int8: of all weights [32].")
+@click.option("--symmetric/--asymmetric", default=None,
+              help="int4: 4-bit blocks without / with a zero point [asymmetric].")
+@click.option("--method", type=click.Choice(("rtn", "gptq")),
+              help="int4: rounding of the 4-bit weights: rtn (round to nearest) or gptq (error feedback through "
+                   "the input Hessian measured on calibration text; needs torch+transformers) [rtn].")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="--method gptq: a UTF-8 text file of calibration texts separated by blank lines "
+                   "(default: built-in prose, code and math).")
+@click.option("--lm-head-bits", type=click.Choice(("4", "8")), help="int4: bits of the output projection [8].")
+@click.option("--embedding-bits", type=click.Choice(("4", "8")), help="int4: bits of the embedding table [see docs].")
+@click.option("--attention-bits", type=click.Choice(("4", "8")), help="int4: bits of the q/k/v and o projections [8].")
+@click.option("--int8-layers", metavar="LIST",
+              help="int4: decoder layers (comma-separated indices, or 'none') whose weights all get 8 bits [see docs].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
               help="int4 / blockwise int8: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8; "
                    "default 4: fastest on CPU).")
-@click.option("--lm-head-bits", default=8, show_default=True, type=click.Choice(("4", "8")),
-              help="int4: bits of the output projection (8 keeps top-1 agreement much higher).")
+@click.option("--kv-dtype", type=click.Choice(("float32", "float16")),
+              help="KV cache type [float16 for int4 / blockwise int8, float32 otherwise].")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("--verify", "run_verify", is_flag=True,
               help="Verify the result against SRC afterwards (needs torch and transformers).")
-def onnx_cmd(src: str, out_dir: Path, weights: str, int8_method: str, block_size: int, accuracy_level: int | None,
-             lm_head_bits: str, force: bool, revision: str | None, run_verify: bool) -> None:
+def onnx_cmd(src: str, out_dir: Path, weights: str, int8_method: str, block_size: str | None, symmetric: bool | None,
+             method: str | None, calibration: Path | None, lm_head_bits: str | None, embedding_bits: str | None,
+             attention_bits: str | None, int8_layers: str | None, accuracy_level: int | None, kv_dtype: str | None,
+             force: bool, revision: str | None, run_verify: bool) -> None:
     """Export SRC (a checkpoint folder or hub repo id) to the ONNX Runtime model folder OUT_DIR.
 
-    Run it with `edge-reason run --backend onnx -m OUT_DIR`.
+    Run it with `edge-reason run --backend onnx -m OUT_DIR`. The int4 options change single
+    fields of the default plan (edge.convert.onnx_quant.INT4); the folder's edge_onnx.json
+    records the plan used.
     """
-    from edge.convert.onnx import to_onnx, verify_onnx
+    from dataclasses import replace
 
-    path = to_onnx(src, out_dir, weights=weights.lower(), force=force, block_size=block_size, accuracy_level=accuracy_level,
-                   int8_method=int8_method, lm_head_bits=int(lm_head_bits), revision=revision)
-    click.echo(f"wrote {path} ({weights.lower()})", err=True)
+    from edge.convert.onnx import to_onnx, verify_onnx
+    from edge.convert.onnx_quant import default_plan, parse_layers
+
+    weights = weights.lower()
+    quant = None
+    if weights == "int4" or (weights == "int8" and int8_method == "blockwise"):
+        quant = default_plan(weights, block_size=int(block_size) if block_size else None, accuracy_level=accuracy_level,
+                             lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
+        changes = {"symmetric": symmetric, "method": method,
+                   "embedding_bits": int(embedding_bits) if embedding_bits else None,
+                   "attention_bits": int(attention_bits) if attention_bits else None,
+                   "int8_layers": parse_layers(int8_layers) if int8_layers is not None else None}
+        quant = replace(quant, **{k: v for k, v in changes.items() if v is not None})
+    texts = None
+    if calibration is not None:
+        texts = [t.strip() for t in calibration.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+        if not texts:
+            raise ConfigError(f"{calibration} holds no text")
+    path = to_onnx(src, out_dir, weights=weights, force=force, int8_method=int8_method, quant=quant,
+                   calibration_texts=texts, kv_dtype=kv_dtype, revision=revision)
+    click.echo(f"wrote {path} ({weights})", err=True)
     if run_verify:
         _report(verify_onnx(src, path, revision=revision), as_json=False)

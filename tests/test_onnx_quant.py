@@ -1,0 +1,90 @@
+"""The ONNX export's quantization plan and packing (convert.onnx_quant), on small arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+
+def rtn_reference(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    """ONNX Runtime's RTN rule in numpy: blocks along the input axis of ``w`` [K, N]."""
+    k, n = w.shape
+    blocks = w.T.reshape(n, -1, block).astype(np.float64)
+    if symmetric:
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        big = np.where(np.abs(blocks.max(-1)) > np.abs(blocks.min(-1)), blocks.max(-1), blocks.min(-1))[..., None]
+        scale = (big / lo).astype(np.float32)
+        q = np.clip(np.round(blocks / scale), lo, hi)
+        return (q * scale).reshape(n, k).T
+    hi = (1 << bits) - 1
+    low, high = np.minimum(blocks.min(-1, keepdims=True), 0), np.maximum(blocks.max(-1, keepdims=True), 0)
+    scale = ((high - low) / hi).astype(np.float32)
+    zp = np.clip(np.round(-low / scale), 0, hi)
+    q = np.clip(np.round(blocks / scale + zp), 0, hi)
+    return ((q - zp) * scale).reshape(n, k).T
+
+
+@pytest.mark.parametrize("bits,block,symmetric", [(4, 32, False), (4, 32, True), (4, 16, False), (8, 128, True), (8, 32, True)])
+def test_rtn_packs_what_onnxruntime_dequantizes(bits, block, symmetric):
+    from edge.convert.onnx_quant import TensorQuant, dequantize, pack, quantize_rtn
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((256, 24)) * 0.02 + 0.004).astype(np.float32)  # [K, N], off-centre
+    p = quantize_rtn(w, TensorQuant(bits, block, symmetric))
+    assert p.data.shape == (24, 256 // block, block * bits // 8) and p.scales.shape == (24, 256 // block)
+    assert (p.zero_points is None) == symmetric
+    np.testing.assert_allclose(dequantize(p), rtn_reference(w, bits, block, symmetric), rtol=0, atol=1e-7)
+    # pack() of the same integers gives the same bytes (the GPTQ path writes through pack)
+    data = p.data if bits == 8 else np.stack([p.data & 15, p.data >> 4], -1).reshape(24, -1)
+    zp = p.unpacked_zero_points()
+    again = pack(data.reshape(24, -1), p.scales, zp, p.quant)
+    np.testing.assert_array_equal(again.data, p.data)
+    if zp is not None:
+        np.testing.assert_array_equal(again.zero_points, p.zero_points)
+
+
+def test_gptq_with_an_identity_hessian_is_rtn_and_with_a_real_one_does_better():
+    from edge.convert.onnx_quant import TensorQuant, dequantize, gptq, quantize_rtn
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((128, 16)) * 0.02).astype(np.float32)
+    quant = TensorQuant(4, 32, False)
+    rtn = dequantize(quantize_rtn(w, quant))
+    np.testing.assert_allclose(dequantize(gptq(w, np.eye(128), quant)), rtn, rtol=0, atol=1e-6)
+    x = rng.standard_normal((512, 128)) @ (np.eye(128) + 0.3 * rng.standard_normal((128, 128)))  # correlated inputs
+    hessian = x.T @ x / len(x)
+
+    def output_error(deq):
+        return float(np.trace((w - deq).T @ hessian @ (w - deq)))
+
+    assert output_error(dequantize(gptq(w, hessian, quant))) < 0.8 * output_error(rtn)
+
+
+def test_plan_resolves_layers_embedding_and_block_sizes():
+    from edge.convert.onnx_quant import INT4, INT8, QuantPlan, TensorQuant, default_plan, parse_layers
+    from edge.errors import ConfigError
+
+    plan = INT4.resolve(24, tied=False)
+    assert plan.int8_layers == (0, 1, 2, 3, 4, 5, 18, 19, 20, 21, 22, 23)  # the first and last quarter
+    assert plan.for_weight("gate_up", 5) == TensorQuant(8, 128, True)
+    assert plan.for_weight("down", 6) == TensorQuant(4, 32, False)
+    assert plan.for_weight("qkv", 6).bits == plan.for_weight("lm_head", None).bits == 8
+    assert plan.for_weight("embedding", None) == TensorQuant(4, 32, False)
+    assert INT4.resolve(24, tied=True).embedding_bits == 8  # one table, shared with the lm_head
+    assert INT4.resolve(2, tied=True).int8_layers == ()
+    assert all(INT8.resolve(24, tied=False).for_weight(role, 3) == TensorQuant(8, 32, True)
+               for role in ("qkv", "o", "gate_up", "down", "lm_head", "embedding"))
+    assert default_plan("int8", block_size=64).int8_block_size == 64
+    assert default_plan("int4", block_size=64, lm_head_bits=4).for_weight("lm_head", None) == TensorQuant(4, 64, False)
+    assert TensorQuant(8, 128, True).fit(64) == TensorQuant(8, 64, True)  # no padded blocks
+    assert TensorQuant(4, 32, False).fit(4864) == TensorQuant(4, 32, False)
+    assert parse_layers("23,0, 1") == (0, 1, 23) and parse_layers("none") == ()
+    summary = plan.summary(24)
+    assert summary["gate_up"].startswith("8-bit sym b128") and "4-bit asym b32 in layers 6, 7" in summary["gate_up"]
+    for bad in (lambda: QuantPlan(bits=3), lambda: QuantPlan(block_size=48), lambda: QuantPlan(method="awq"),
+                lambda: INT4.resolve(4, tied=False).__class__(int8_layers=(9,)).resolve(4, tied=False),
+                lambda: parse_layers("first")):
+        with pytest.raises(ConfigError):
+            bad()
