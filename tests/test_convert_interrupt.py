@@ -29,7 +29,15 @@ def start_quantize(src: Path, out: Path, quant: str = "q4_k_m") -> subprocess.Po
     """The CLI in its own process group, as a shell runs a foreground job."""
     env = {k: v for k, v in os.environ.items() if k != "EDGE_DEBUG"}
     return subprocess.Popen([sys.executable, "-m", "edge.cli.main", "convert", "quantize", str(src), str(out), "-q", quant],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True,
+                            preexec_fn=_terminal_signals)
+
+
+def _terminal_signals() -> None:
+    # As at a terminal: Ctrl-C is not ignored. A test run started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then keeps ignoring it (as
+    # nohup intends), which made the Ctrl-C case quantize to the end.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_quantizing(folder: Path, proc: subprocess.Popen, timeout: float = 60) -> Path:
