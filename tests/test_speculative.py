@@ -4,7 +4,6 @@ when sampling, exact KV rollback of rejected drafts, and the draft-length policy
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import numpy as np
