@@ -22,29 +22,30 @@ the MatMulNBits types (int4, blockwise int8) are written with ONNX Runtime's con
   projection 8-bit (blocks of 128); the embedding table 4-bit like the MLP (8-bit, shared
   with the lm_head, when they are tied). Measured choices, below.
 
-How int4 was chosen. On Qwen2.5-Coder-0.5B-Instruct (bf16, rebuilt from its Q4_K_M GGUF),
-verify's texts (330 positions), weights fake-quantized one group at a time (KL of that group
-alone; the groups add up): every weight at 4-bit RTN, blocks of 32, costs 0.084 symmetric
-(ONNX Runtime's quantizer default) and 0.062 with zero points; the MLP alone 0.036 (blocks of
-64: 0.045), spread over all layers but highest in the last and first ones (per 3 layers, from
-layer 0: 0.004 0.006 0.003 0.002 0.003 0.004 0.005 0.009); the attention projections 0.024 at
-4 bits (v alone 0.011) for 12% of the weights; the lm_head 0.017 at 4 bits, 8e-5 at 8; the
-embedding 0.005 at 4-bit symmetric, 0.0015 asymmetric, 5e-7 at 8 bits. 8 bits cost ~1/250 of
-4-bit KL, so the plan spends bytes where 4 bits hurt most per byte, within 1.1x the GGUF
-Q4_K_M's size. GPTQ (calibration: the built-in texts, 566 tokens) measured *worse* than RTN
-on that model (MLP KL 0.050 vs 0.036) and is not the default. Results against GGUF:
-benchmarks/results/formats.md.
+How int4 was chosen, on Qwen2.5-Coder-0.5B-Instruct (bf16, rebuilt from its Q4_K_M GGUF) with
+verify's texts; details and the comparison with GGUF in benchmarks/results/formats.md. Every
+weight at 4-bit RTN (blocks of 32) cost mean KL 0.084 symmetric, 0.062 with zero points; of
+that, the attention projections 0.024 for 12% of the layer weights (v alone 0.011), the MLP
+0.036 (blocks of 64: 0.045), two thirds of it in the first and last quarter of the layers;
+the lm_head 0.017 at 4 bits, 8e-5 at 8; the embedding 0.0015 at 4 bits with zero points. 8 bits
+cost ~1/250 of the KL of 4, so the plan spends them where 4 bits hurt most per byte, within
+1.1x the GGUF Q4_K_M's size. The result: 536 MB (1.09x), top-1 0.933, KL 0.0146 (Q4_K_M:
+0.973, 0.0062; that source is a dequantized 5-bit-grid model, which GGUF re-encodes almost
+exactly and 4 bits cannot). ``method="gptq"`` (calibration: ~14k tokens of built-in text)
+brings KL to 0.0118, top-1 0.948, in ~8 minutes and ~5 GB for the 0.5B model; it is opt-in
+because it needs torch, transformers and the float32 source model. With the 566 tokens of
+the hand-written texts alone GPTQ did worse than RTN (MLP KL 0.050 vs 0.036).
 
 MatMulNBits' ``accuracy_level`` defaults to 4 (int8 compute on CPU): 8-bit weights at level 0
-decode ~20x slower (their CPU kernel dequantizes the whole matrix per call), 4-bit ones about
-as fast; KL on the 0.5B model 0.0146 at level 4 vs 0.0153 at 0 (4-bit weights), i.e. no loss.
+decode ~20x slower (their CPU kernel dequantizes the whole matrix per call); 4-bit ones at
+level 0 measured the same KL (0.0153 vs 0.0146), ~10% slower, with 125-165 MB more RSS.
 
-Memory. The MatMulNBits types keep their weights in ``model.onnx.data`` (page-aligned), which
-ONNX Runtime memory-maps: weights it repacks at load time are unmapped afterwards and the
-embedding table is paged in only row by row, so a session holds about the file size, not twice
-it (0.5B int4: 522 MB resident, 652 MB peak at load, vs 730 / 859 MB with the weights inside
-model.onnx). Their KV cache is float16 (``kv_dtype``; attention computes in float32 on a cast
-copy, KL +0.0004 on the 0.5B model, decoding speed unchanged).
+Memory. The MatMulNBits types keep their weights in ``model.onnx.data`` (large tensors
+page-aligned), which ONNX Runtime memory-maps: weights it repacks at load time are unmapped
+afterwards and the embedding table is paged in row by row, so a session holds about the file
+size, not twice it (0.5B int4: 552 MB resident, 682 MB peak at load, vs 765 / 895 MB with the
+same weights inside model.onnx). Their KV cache is float16 (``kv_dtype``; attention computes
+in float32 on a cast copy; KL +0.0004 on the 0.5B model, decoding speed unchanged).
 
 q/k/v and gate/up projections are exported as one MatMul each (weights concatenated along the
 output axis, which per-column and blockwise quantization treat exactly as separate matrices).
@@ -60,14 +61,19 @@ the same model is meant to load too; untested, optimum cannot be installed here)
 
     inputs   input_ids [batch, seq] int64, attention_mask [batch, past+seq] int64,
              position_ids [batch, seq] int64, logits_to_keep [] int64 (0 = all positions),
-             past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim] float32
+             past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim] kv_dtype
     outputs  logits [batch, kept, vocab] float32,
-             present.{i}.key / .value [batch, kv_heads, past+seq, head_dim] float32
+             present.{i}.key / .value [batch, kv_heads, past+seq, head_dim] kv_dtype
+
+``kv_dtype`` is float16 for the MatMulNBits types and float32 otherwise (the manifest's
+``kv_dtype``; the backend reads the type from the session).
 
 The output folder holds everything the backend needs, nothing is downloaded later:
-``model.onnx`` (+ ``model.onnx.data`` for models over ~1.5 GiB), ``config.json``,
-``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json`` (with the chat
-template) and ``edge_onnx.json`` (weights type, source, BOS/EOS, chat template, graph I/O).
+``model.onnx`` (+ ``model.onnx.data``: always for int4 / blockwise int8, for the other types
+when the weights exceed ~1.5 GiB), ``config.json``, ``generation_config.json``,
+``tokenizer.json``, ``tokenizer_config.json`` (with the chat template) and ``edge_onnx.json``
+(weights type, quantization plan and per-tensor storage, source, BOS/EOS, chat template, KV
+type, graph I/O).
 
 Parity thresholds used by :func:`verify_onnx` (:data:`THRESHOLDS`, top-1 agreement >= and
 mean KL(source || onnx) < ; override with ``thresholds=``)::
@@ -81,22 +87,29 @@ mean KL(source || onnx) < ; override with ``thresholds=``)::
 
 Measured (MatMulNBits at the default accuracy level 4) with :func:`verify_onnx`'s default
 prompts (general text) and, for tiny-r1, on its own chat-templated traces of 8 held-out problems
-("in-domain", 1764 positions)::
+("in-domain", 1764 positions; the int8 / int4 rows, re-measured after the MatMulNBits rework,
+on 907 / 873 positions)::
 
     tiny-r1 (Qwen2, hidden 192, 4 layers, vocab 384; final checkpoint), default / in-domain
     type             size      top-1            mean KL          max |dlogit|
     fp32             6.9 MB    1.0000 / 1.0000  1e-12 / 5e-14    4e-5 / 2e-5
     fp16             3.5 MB    1.0000 / 1.0000  2e-7  / 9e-9     1e-2 / 6e-3
-    int8 (blockwise) 2.1 MB    0.9967 / 0.9994  5e-4  / 3e-5     0.4 / 0.5
+    int8 (blockwise) 1.9 MB    0.9934 / 1.0000  7e-4  / 2e-5     0.5 / 0.5
     int8 dynamic     1.9 MB    0.9669 / 0.9943  2e-2  / 4e-3     4 / 4
-    int4             1.3 MB    0.9636 / 0.9977  2e-2  / 1e-3     3 / 2
-    int4, 4-bit head 1.2 MB    0.9592 / 0.9972  2e-2  / 1e-3     3 / 3
+    int4             1.5 MB    0.9934 / 1.0000  1e-3  / 2e-4     1 / 0.6
+    int4, 4-bit head 1.5 MB    0.9658 / 0.9977  2e-2  / 6e-4     3 / 2
+    (int4 on a 4-layer model with a tied 384-row table is mostly 8-bit: attention, layers 0 and
+    3, and the shared table; with lm_head_bits=4 the shared table is 4-bit too)
     GGUF on the same model: q8_0 0.9934 / 1.0000 (KL 6e-4 / 2e-5), q4_0 0.9647 / 0.9977
     (2e-2 / 1e-3), q4_k_m 0.9757 / 0.9983 (9e-3 / 6e-4)
 
     tests' random Qwen2 (hidden 64, 2 layers, tied): top-1 1.0000 for every type; mean KL fp32
-    4e-15, fp16 6e-9, int8 6e-6, int8 dynamic 1e-5, int4 4e-4 (random models quantize easily);
-    model.onnx sizes fp32 714 kB, fp16 373 kB, int8 265 kB, int8 dynamic 267 kB, int4 228 kB
+    4e-15, fp16 6e-9, int8 7e-6, int8 dynamic 1e-5, int4 2e-5 (random models quantize easily);
+    weight files fp32 714 kB, fp16 373 kB, int8 159 kB, int8 dynamic 267 kB, int4 131 kB
+
+    Qwen2.5-Coder-0.5B-Instruct (bf16 from its Q4_K_M GGUF; 330 positions): int8 0.9879, KL
+    9e-4; int4 0.9333, 0.0146 (``method="gptq"``: 0.9485, 0.0118); GGUF q8_0 0.9848, 8e-4,
+    q4_k_m 0.9727, 0.0062 (benchmarks/results/formats.md)
 
 Like the GGUF defaults (:mod:`convert.verify`), the quantized rows are meant to pass a sound
 export and fail a broken one; measure your own model and override them if needed.
@@ -758,6 +771,8 @@ def to_onnx(
     if kv_dtype == "float16" and weights == "int8" and int8_method == "dynamic":
         raise ConfigError("int8 --int8-method dynamic keeps a float32 KV cache (its graph is quantized afterwards)")
     nbits = weights == "int4" or (weights == "int8" and int8_method == "blockwise")
+    if quant is not None and not nbits:
+        raise ConfigError("a quantization plan applies to int4 and blockwise int8 exports only")
     plan = default_plan(weights, quant, block_size=block_size, accuracy_level=accuracy_level,
                         lm_head_bits=lm_head_bits) if nbits else None
     kv_dtype = kv_dtype or ("float16" if nbits else "float32")

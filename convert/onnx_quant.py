@@ -15,13 +15,15 @@ Rounding (``method``):
 * ``rtn``: round to nearest on the block's [min, max] (asymmetric, zero point) or [-absmax,
   absmax] (symmetric) grid, with ONNX Runtime's own quantizer (``quantize_matmul_4bits`` /
   ``_8bits``, exactly what ``MatMulNBitsQuantizer`` writes);
-* ``gptq``: GPTQ (Frantar et al. 2022) on the 4-bit weights: columns are rounded one at a
-  time and the rounding error is pushed onto the columns not yet rounded, weighted by the
-  inverse of the input Hessian ``X^T X`` measured on :data:`CALIBRATION_TEXTS` with the
-  source model (transformers, float32). Same grid and format as ``rtn``; only the integers
-  differ. Needs torch + transformers and ~4 bytes of RAM per parameter, like ``verify``.
+* ``gptq``: GPTQ (Frantar et al. 2022) on the 4-bit decoder weights: columns are rounded one
+  at a time and the rounding error is pushed onto the columns not yet rounded, weighted by the
+  inverse of the input Hessian ``X^T X`` measured with the source model (transformers, float32)
+  on :func:`default_calibration_texts` (or the caller's texts). Same grid and format as
+  ``rtn``; only the integers differ. Needs torch + transformers, ~4 bytes of RAM per parameter
+  (like ``verify``) plus the Hessians of the 4-bit weights.
 
-How the defaults were chosen: :data:`DEFAULTS` and benchmarks/results/formats.md.
+How the defaults were chosen: the module docstring of :mod:`convert.onnx` and
+benchmarks/results/formats.md.
 """
 
 from __future__ import annotations
@@ -305,7 +307,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, quant: TensorQuant, *, damp: float 
     import torch
 
     bits, block = quant.bits, quant.block_size
-    hi, mid = (1 << bits) - 1, 1 << (bits - 1)
+    hi = (1 << bits) - 1
     k, n = w.shape
     if k % block:
         raise ConversionError(f"GPTQ needs the input size {k} to be a multiple of the block size {block}")
@@ -337,10 +339,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, quant: TensorQuant, *, damp: float 
             W1[:, i:] -= e.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             err[:, i] = e
         W[:, c2:] -= err @ Hinv[c1:c2, c2:]
-    zp = None if quant.symmetric else zeros.numpy()
-    if quant.symmetric:
-        assert bool((zeros == mid).all())
-    return pack(q.numpy(), scales.numpy(), zp, quant)
+    return pack(q.numpy(), scales.numpy(), None if quant.symmetric else zeros.numpy(), quant)
 
 
 def _block_grid(w, bits: int, symmetric: bool):

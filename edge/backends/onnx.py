@@ -9,8 +9,9 @@ time only onnxruntime, numpy and tokenizers are imported (no torch, no transform
   prefill (in chunks of ``n_batch``), one at a time for decoding. When the graph has a
   ``logits_to_keep`` input only the last position's logits are computed.
 - The KV cache is the list of ``present.*`` OrtValues ``[1, kv_heads, n_past, head_dim]`` of
-  the last run, fed back as they are (no copy into numpy between steps); ``rollback(n)`` slices
-  them to their first ``n`` positions. Nothing is re-evaluated.
+  the last run (in the graph's type: float16 in the int4 / int8 exports), fed back as they are
+  (no copy into numpy between steps); ``rollback(n)`` slices them to their first ``n``
+  positions. Nothing is re-evaluated.
 - Tokenization uses the model's ``tokenizer.json`` (special tokens parsed, BOS per
   ``tokenizer_config.json``); ``token_bytes`` maps byte-level BPE symbols back to raw bytes, so a
   token may be part of a UTF-8 character, exactly as llama.cpp reports it.

@@ -133,10 +133,11 @@ def _report(report, *, as_json: bool) -> None:
               help="--method gptq: a UTF-8 text file of calibration texts separated by blank lines "
                    "(default: built-in prose, code and math).")
 @click.option("--lm-head-bits", type=click.Choice(("4", "8")), help="int4: bits of the output projection [8].")
-@click.option("--embedding-bits", type=click.Choice(("4", "8")), help="int4: bits of the embedding table [see docs].")
+@click.option("--embedding-bits", type=click.Choice(("4", "8")), help="int4: bits of the embedding table [4; with a tied lm_head its bits, one shared table].")
 @click.option("--attention-bits", type=click.Choice(("4", "8")), help="int4: bits of the q/k/v and o projections [8].")
 @click.option("--int8-layers", metavar="LIST",
-              help="int4: decoder layers (comma-separated indices, or 'none') whose weights all get 8 bits [see docs].")
+              help="int4: decoder layers (comma-separated indices, or 'none') whose weights all get 8 bits "
+                   "[the first and last quarter of the layers].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
               help="int4 / blockwise int8: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8; "
                    "default 4: fastest on CPU).")
