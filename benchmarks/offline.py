@@ -201,16 +201,11 @@ def calibration_report(recs: Sequence[dict], cal: Calibration) -> dict:
     x, conf, y = probe_table(recs)
     if not len(y):
         return {"probes": 0}
-    calibrated = np.array([_prob(cal, v) for v in x])
+    calibrated = np.array([cal.probability_of(v) for v in x])
     raw_ece, raw_bins = ece(conf, y)
     cal_ece, cal_bins = ece(calibrated, y)
     return {"probes": int(len(y)), "right": float(y.mean()), "ece_raw": raw_ece, "ece_calibrated": cal_ece,
             "bins_raw": raw_bins, "bins_calibrated": cal_bins}
-
-
-def _prob(cal: Calibration, feats: np.ndarray) -> float:
-    z = float(np.dot(cal.weights, feats))
-    return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
 
 
 def plot_reliability(reports: dict[str, dict], path: Path) -> Path:

@@ -66,6 +66,10 @@ class TaskSpec:
     scorer: str = "math"
     validation: str | None = None  # the task whose problems fit budgets and thresholds
 
+    def __post_init__(self) -> None:
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"unknown scorer {self.scorer!r}; choose one of: {', '.join(SCORERS)}")
+
     def with_file(self, path: str | Path) -> "TaskSpec":
         return replace(self, path=Path(path))
 
@@ -106,8 +110,6 @@ TASKS = tuple(TASK_SPECS)
 def custom_task(name: str, path: str | Path, *, question: str | None = None, answer: str | None = None,
                 scorer: str = "math", suffix: str = "") -> TaskSpec:
     """A task over the user's own JSONL (one object per line)."""
-    if scorer not in SCORERS:
-        raise ConfigError(f"unknown scorer {scorer!r}; choose one of: {', '.join(SCORERS)}")
     spec = TaskSpec(name or Path(path).stem, path=Path(path), scorer=scorer, suffix=suffix)
     if question:
         spec = replace(spec, question=(question,))
@@ -128,8 +130,6 @@ def task_spec(name: str, data: str | Path | None = None, **fields) -> TaskSpec:
             over["question"] = (over["question"],)
         if "answer" in over:
             over["answer"] = (over["answer"],)
-        if "scorer" in over and over["scorer"] not in SCORERS:
-            raise ConfigError(f"unknown scorer {over['scorer']!r}; choose one of: {', '.join(SCORERS)}")
         return replace(spec, **over)
     if data is None:
         raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)} (or pass --data FILE)")

@@ -75,7 +75,11 @@ class Calibration:
             raise ConfigError(f"a calibration has 4 finite weights, got {self.weights!r}")
 
     def probability(self, trials) -> float:
-        z = sum(w * x for w, x in zip(self.weights, probe_features(trials)))
+        return self.probability_of(probe_features(trials))
+
+    def probability_of(self, features) -> float:
+        """The probability for one row of :func:`probe_features`."""
+        z = sum(w * float(x) for w, x in zip(self.weights, features))
         return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
 
     def to_dict(self) -> dict:
