@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edge.benchmarks.tasks import is_equiv
+from edge.control.budget import LengthPredictor
 from edge.control.early_exit import Calibration, probe_features
 
 Trial = dict
@@ -233,6 +234,141 @@ def plot_reliability(reports: dict[str, dict], path: Path) -> Path:
     return path
 
 
+# -- budgets: fixed, prompt-length and probe-signal adaptive, replayed ------------------------------
+# A budget policy here stops thinking at a probe point and reads the answer the probe read there
+# (the answer inducer, greedy): the same act as an early exit, forced by a token count instead of
+# a confidence. Under greedy decoding that is exactly what a live run with such a cut produces,
+# so fixed and adaptive budgets are compared on the same footing as early exit, from one oracle
+# run. (The live ``budget-step`` policy closes thinking at a paragraph break and lets the model
+# answer freely; its probe points and answer text differ, so it is not what is replayed here.)
+
+def cut_at(rec: dict, budget: float, *, paid: int = 0, after: int = -1) -> dict:
+    """Thinking stops at the last probe point at or before ``budget`` thinking tokens (and after
+    ``after``, where an earlier probe of the policy already stands), unless the trace finished
+    within the budget. ``paid``: probe tokens the policy already spent. With no probe point in
+    reach the cut falls mid-step and the answer is unknown: counted wrong, at the budget."""
+    if rec["thinking_tokens"] <= budget:
+        return {"id": rec["id"], "thinking_tokens": rec["thinking_tokens"], "probe_tokens": paid,
+                "correct": bool(rec["correct"]), "cut": False}
+    reach = [t for t in trials_of(rec) if t["at"] <= budget]
+    if not reach:
+        return {"id": rec["id"], "thinking_tokens": int(budget), "probe_tokens": paid, "correct": False, "cut": True}
+    t = reach[-1]
+    cost = paid + (t["cost"] if t["at"] > after else 0)
+    return {"id": rec["id"], "thinking_tokens": t["at"], "probe_tokens": cost,
+            "correct": t["finished"] and is_equiv(t["answer"], rec["gold"]), "cut": True}
+
+
+def fixed_budget(budget: float) -> Callable[[dict], dict]:
+    return lambda rec: cut_at(rec, budget)
+
+
+def signal_budget(first: int, threshold: float, low: float, high: float) -> Callable[[dict], dict]:
+    """Probe once, at the first probe point at or past ``first`` thinking tokens; if that probe's
+    answer came out with confidence >= ``threshold`` the budget is ``low`` (``low <= first``
+    stops right there), else ``high`` (inf: unlimited). What the model shows while thinking sets
+    its own budget."""
+    def run(rec: dict) -> dict:
+        ts = [t for t in trials_of(rec) if t["at"] >= first]
+        if not ts or rec["thinking_tokens"] <= ts[0]["at"]:
+            return cut_at(rec, math.inf)
+        probe = ts[0]
+        sure = probe["finished"] and probe["confidence"] >= threshold
+        budget = max(low, probe["at"]) if sure else high
+        if sure and budget == probe["at"]:
+            return {"id": rec["id"], "thinking_tokens": probe["at"], "probe_tokens": probe["cost"],
+                    "correct": probe["finished"] and is_equiv(probe["answer"], rec["gold"]), "cut": True}
+        return cut_at(rec, budget, paid=probe["cost"], after=probe["at"]) if budget >= probe["at"] else cut_at(rec, budget)
+    return run
+
+
+def length_budget(pred: LengthPredictor, scale: float) -> Callable[[dict], dict]:
+    """The prompt-length predictor's budget (scaled), cut at a probe point."""
+    return lambda rec: cut_at(rec, scale * pred(int(rec.get("prompt_tokens", 0))))
+
+
+def budget_row(recs: Sequence[dict], policy: Callable[[dict], dict], name: str) -> dict:
+    runs = [policy(r) for r in recs]
+    n = len(runs)
+    k = sum(r["correct"] for r in runs)
+    base = [bool(r["correct"]) for r in recs]
+    base_t = sum(r["thinking_tokens"] for r in recs)
+    net = sum(r["thinking_tokens"] + r["probe_tokens"] for r in runs)
+    lo, hi = wilson(k, n)
+    return {"policy": name, "n": n, "accuracy": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi,
+            "delta_vs_unlimited": (k - sum(base)) / n if n else 0.0, "mcnemar_p": mcnemar(base, [r["correct"] for r in runs]),
+            "net_tokens": net / n if n else 0.0, "saved_net": (base_t - net) / base_t if base_t else 0.0,
+            "cuts": sum(r["cut"] for r in runs), "correct_list": [bool(r["correct"]) for r in runs]}
+
+
+def budget_grid(val: Sequence[dict]) -> list[int]:
+    """Fixed budgets at quantiles of the validation problems' thinking lengths, and at fractions
+    of their median (problems of one length still get budgets below it)."""
+    lengths = np.array([r["thinking_tokens"] for r in val], dtype=float)
+    if not len(lengths):
+        return []
+    med = float(np.median(lengths))
+    values = {int(np.quantile(lengths, q)) for q in (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)}
+    values |= {int(f * med) for f in (0.25, 0.5, 0.75)}
+    return sorted(values - {0})
+
+
+def first_probe_grid(val: Sequence[dict]) -> list[int]:
+    """Where the adaptive policy takes its one reading: early fractions of the median length."""
+    if not val:
+        return []
+    med = float(np.median([r["thinking_tokens"] for r in val]))
+    return sorted({int(f * med) for f in (0.1, 0.2, 0.35)} - {0})
+
+
+def compare_budgets(val: Sequence[dict], test: Sequence[dict]) -> dict:
+    """Fixed budgets against adaptive ones at equal mean tokens. For each fixed budget, the
+    adaptive setting (probe-signal family, and the prompt-length predictor) with the best
+    validation accuracy whose validation mean net tokens are no more than the fixed budget's is
+    chosen; both are then reported on test, with a paired test between them."""
+    grid = budget_grid(val)
+    if not grid or not test:
+        return {"fixed": [], "pairs": []}
+    firsts = first_probe_grid(val)
+    adaptive: list[tuple[str, Callable[[dict], dict]]] = []
+    for first in firsts:
+        for thr in (0.5, 0.7, 0.9, 0.97):
+            for low in [first] + [b for b in grid if b > first]:
+                for high in [b for b in grid if b > low] + [math.inf]:
+                    name = f"signal: probe at {first}, conf>={thr} -> {low}, else {'inf' if high == math.inf else int(high)}"
+                    adaptive.append((name, signal_budget(first, thr, low, high)))
+    pred = LengthPredictor.fit([int(r.get("prompt_tokens", 0)) for r in val], [r["thinking_tokens"] for r in val], quantile=0.5)
+    for scale in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
+        adaptive.append((f"prompt-length x{scale}", length_budget(pred, scale)))
+    val_rows = [(name, pol, budget_row(val, pol, name)) for name, pol in adaptive]
+    fixed, pairs = [], []
+    for b in grid:
+        fv = budget_row(val, fixed_budget(b), f"fixed {b}")
+        ft = budget_row(test, fixed_budget(b), f"fixed {b}")
+        fixed.append({k: v for k, v in ft.items() if k != "correct_list"})
+        ok = [(name, pol, row) for name, pol, row in val_rows if row["net_tokens"] <= fv["net_tokens"] + 1e-9]
+        if not ok:
+            continue
+        name, pol, vrow = max(ok, key=lambda x: (x[2]["accuracy"], -x[2]["net_tokens"]))
+        at = budget_row(test, pol, name)
+        pairs.append({"fixed": b, "fixed_test": {k: v for k, v in ft.items() if k != "correct_list"},
+                      "adaptive": name, "adaptive_val_accuracy": vrow["accuracy"], "fixed_val_accuracy": fv["accuracy"],
+                      "adaptive_test": {k: v for k, v in at.items() if k != "correct_list"},
+                      "delta": at["accuracy"] - ft["accuracy"],
+                      "mcnemar_p": mcnemar(ft["correct_list"], at["correct_list"])})
+    return {"fixed": fixed, "pairs": pairs}
+
+
+def budget_markdown(b: dict) -> str:
+    out = ["| fixed budget | acc (test) | mean net tokens | adaptive chosen on val at ≤ those tokens | acc (test) | mean net tokens | Δ acc | McNemar p |",
+           "|---|---|---|---|---|---|---|---|"]
+    for p in b.get("pairs", []):
+        f, a = p["fixed_test"], p["adaptive_test"]
+        out.append(f"| {p['fixed']} | {f['accuracy']:.3f} | {f['net_tokens']:.1f} | {p['adaptive']} | {a['accuracy']:.3f} | "
+                   f"{a['net_tokens']:.1f} | {p['delta']:+.3f} | {p['mcnemar_p']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
 # -- selection on validation, report on test -----------------------------------------------------
 CONFIDENCE_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999)
 CONSISTENCY_GRID = (2, 3, 4)
@@ -254,12 +390,16 @@ class Choice:
 def choose(val: Sequence[dict], family: str, grid: Sequence[float], make: Callable[[float], Rule], *, max_drop: float = 0.01,
            gaps: Sequence[int] = GAP_GRID) -> Choice | None:
     """The setting (and probe spacing) that saves the most net tokens on validation while losing
-    at most ``max_drop`` accuracy there (observed); None when no setting qualifies."""
+    at most ``max_drop`` accuracy there (observed). Not probing at all is a candidate too: a
+    setting whose probes cost more than its exits save (net saved <= 0) never beats it, and None
+    then means "leave early exit off"."""
     best = None
     for v in grid:
         for gap in gaps:
             row = summarize(val, make(v), f"{family}:{v}", min_gap=gap)
-            if row["delta_vs_unlimited"] >= -max_drop - 1e-12 and (best is None or row["saved_net"] > best.validation["saved_net"] + 1e-12):
+            if row["saved_net"] <= 1e-12 or row["delta_vs_unlimited"] < -max_drop - 1e-12:
+                continue
+            if best is None or row["saved_net"] > best.validation["saved_net"] + 1e-12:
                 best = Choice(family, v, gap, make(v), row)
     return best
 
@@ -272,13 +412,17 @@ def analyse(recs: Sequence[dict], n_val: int, *, label: str = "", validation: Se
         val, test = list(recs[:n_val]), list(recs[n_val:])
     cal = fit_calibration(val, source=f"{label}: {len(val)} validation problems")
     choices = [
-        choose(val, "early-exit", CONFIDENCE_GRID, confidence_rule),
-        choose(val, "dynasor", CONSISTENCY_GRID, lambda k: consistency_rule(int(k))),
-        choose(val, "calibrated", CALIBRATED_GRID, lambda t: calibrated_rule(cal, t)),
+        ("early-exit", choose(val, "early-exit", CONFIDENCE_GRID, confidence_rule)),
+        ("dynasor", choose(val, "dynasor", CONSISTENCY_GRID, lambda k: consistency_rule(int(k)))),
+        ("calibrated", choose(val, "calibrated", CALIBRATED_GRID, lambda t: calibrated_rule(cal, t))),
     ]
-    rows = [summarize(test, None, "unlimited")]
-    for c in choices:
+    unlimited = summarize(test, None, "unlimited")
+    rows = [unlimited]
+    for family, c in choices:
         if c is None:
+            # no setting saved tokens within the accuracy allowance on validation: the policy
+            # chosen is "no probes", which is the unlimited run
+            rows.append(dict(unlimited, policy=f"{family}: off, no setting saved tokens (val)"))
             continue
         gap = f", gap {c.min_gap}" if c.min_gap else ""
         row = summarize(test, c.rule, f"{c.family}:{c.setting:g}{gap} (val)", min_gap=c.min_gap)
@@ -286,6 +430,7 @@ def analyse(recs: Sequence[dict], n_val: int, *, label: str = "", validation: Se
         row["validation_delta"] = c.validation["delta_vs_unlimited"]
         rows.append(row)
     curve = [summarize(test, confidence_rule(t), f"early-exit:{t}") for t in CONFIDENCE_GRID]
+    budgets = compare_budgets(val, test)
     return {
         "label": label,
         "validation": len(val),
@@ -294,6 +439,7 @@ def analyse(recs: Sequence[dict], n_val: int, *, label: str = "", validation: Se
         "calibration_test": calibration_report(test, cal),
         "rows": rows,
         "curve": curve,
+        "budgets": budgets,
     }
 
 
@@ -333,6 +479,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         results.append(res)
         reports[res["label"]] = res["calibration_test"]
         md.append(f"## {res['label']} (validation {res['validation']}, test {res['test']})\n\n" + markdown(res["rows"]))
+        if res["budgets"]["pairs"]:
+            md.append("Budgets at equal mean tokens (cut at a probe point, answer read by the probe; test slice):\n\n"
+                      + budget_markdown(res["budgets"]))
         ct = res["calibration_test"]
         if ct.get("probes"):
             md.append(f"Probe calibration on the test slice: {ct['probes']} probes, {ct['right']:.1%} right; "

@@ -146,3 +146,62 @@ def test_probe_features():
     assert probe_features([t("7")] * 9)[2] == 3.0  # capped
     assert probe_features([t(""), t("")])[2] == 0.0  # an empty answer agrees with nothing
     assert probe_features([t("7", 1.0)])[1] == pytest.approx(math.log(1e6), rel=1e-3)
+
+
+def _rec(i, trials, thinking, correct=True, prompt=50):
+    return {"id": f"b{i}", "policy": "oracle", "gold": "7", "pred": "7" if correct else "1", "correct": correct,
+            "thinking_tokens": thinking, "prompt_tokens": prompt, "trials": trials}
+
+
+def test_fixed_budget_cuts_at_the_last_probe_point_in_reach():
+    rec = _rec(0, [[40, "3", 0.4, 6, True], [90, "7", 0.9, 6, True], [150, "7", 0.95, 6, True]], 200)
+    assert offline.cut_at(rec, 250) == {"id": "b0", "thinking_tokens": 200, "probe_tokens": 0, "correct": True, "cut": False}
+    r = offline.cut_at(rec, 120)  # the last point in reach is 90 (answer 7): one probe paid
+    assert (r["thinking_tokens"], r["probe_tokens"], r["correct"], r["cut"]) == (90, 6, True, True)
+    r = offline.cut_at(rec, 60)
+    assert (r["thinking_tokens"], r["correct"]) == (40, False)
+    r = offline.cut_at(rec, 30)  # no probe point in reach: the answer is unknown, counted wrong
+    assert (r["thinking_tokens"], r["probe_tokens"], r["correct"]) == (30, 0, False)
+    unfinished = _rec(1, [[90, "7", 0.9, 6, False]], 200)
+    assert offline.cut_at(unfinished, 100)["correct"] is False
+
+
+def test_signal_budget_stops_when_the_first_probe_is_sure():
+    rec = _rec(0, [[40, "7", 0.98, 6, True], [90, "7", 0.9, 6, True], [150, "7", 0.95, 6, True]], 200)
+    sure = offline.signal_budget(30, 0.9, 30, 1000)(rec)
+    assert (sure["thinking_tokens"], sure["probe_tokens"], sure["correct"]) == (40, 6, True)
+    unsure = offline.signal_budget(30, 0.99, 30, 120)(rec)  # not sure: budget 120 -> cut at 90, two probes paid
+    assert (unsure["thinking_tokens"], unsure["probe_tokens"]) == (90, 12)
+    unlimited = offline.signal_budget(30, 0.99, 30, math.inf)(rec)
+    assert (unlimited["thinking_tokens"], unlimited["probe_tokens"], unlimited["cut"]) == (200, 6, False)
+    short = _rec(1, [[20, "7", 0.99, 6, True]], 25)
+    assert offline.signal_budget(30, 0.5, 30, 100)(short)["probe_tokens"] == 0  # finished before the first probe
+
+
+def test_budget_comparison_finds_a_signal_that_pays_and_matches_tokens():
+    """Half the problems are easy (the first probe is right and sure) and half hard (the first probe
+    is wrong and unsure, the answer comes late): a budget set by the first probe beats every fixed
+    budget at the same mean tokens, and the comparison never pairs a dearer adaptive setting."""
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(200):
+        easy = i % 2 == 0
+        first = [60, "7" if easy else str(rng.integers(10, 99)), 0.99 if easy else 0.3, 6, True]
+        late = [[int(a), "7" if a > 400 else str(rng.integers(10, 99)), 0.6, 6, True] for a in (150, 250, 350, 450)]
+        recs.append(_rec(i, [first] + late, 500))
+    res = offline.compare_budgets(recs[:100], recs[100:])
+    assert res["fixed"] and res["pairs"]
+    for p in res["pairs"]:
+        assert p["adaptive_test"]["net_tokens"] <= p["fixed_test"]["net_tokens"] * 1.05 + 1
+    best = max(res["pairs"], key=lambda p: p["delta"])
+    assert best["delta"] >= 0.4 and best["mcnemar_p"] < 0.01 and best["adaptive"].startswith("signal")
+    assert "fixed budget" in offline.budget_markdown(res)
+
+
+def test_no_probes_is_chosen_when_probing_never_pays():
+    """Every probe is wrong until the trace ends: any exit rule costs accuracy or saves nothing, so
+    the chooser leaves early exit off instead of picking the least bad setting."""
+    recs = [_rec(i, [[a, "1", 0.2, 30, True] for a in (50, 100, 150)], 160) for i in range(40)]
+    res = offline.analyse(recs, 20, label="no-pay")
+    off = [r for r in res["rows"] if ": off" in r["policy"]]
+    assert len(off) == 3 and all(r["saved_net"] == 0 and r["probe_tokens"] == 0 for r in off)
