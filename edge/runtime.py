@@ -192,7 +192,7 @@ class Runtime:
             if backend == "remote":
                 self.backend = load_backend(backend, str(model), n_ctx=n_ctx, **backend_options)
             else:
-                from edge.models import resolve_model
+                from edge.model_ref import resolve_model
 
                 path = resolve_model(model)
                 if backend == "llamacpp" and path.is_dir() and any(path.glob("*.onnx")):
