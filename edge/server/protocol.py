@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from edge.control.base import Controller
+from edge.control.spec import EARLY_EXIT, EFFORT, ControlSpec
 from edge.errors import ConfigError
 from edge.params import SamplingParams
 
@@ -199,45 +200,45 @@ def sampling_params(body: dict, limits: Limits, *, logprobs: int = 0) -> Samplin
     return params
 
 
-def controllers(body: dict) -> list[Controller]:
-    """Thinking budget and early exit from the request; the classes validate the values."""
-    from edge.control.budget import ThinkingBudget, effort_budget
-    from edge.control.early_exit import EarlyExit
-
-    out: list[Controller] = []
+def control_spec(body: dict) -> tuple[ControlSpec, str | None]:
+    """Thinking budget and early exit fields -> a ControlSpec, and the name the request gave
+    its thinking budget (``thinking_budget`` or ``max_thinking_tokens``; None if neither)."""
     budget_name = next((n for n in ("thinking_budget", "max_thinking_tokens") if _present(body, n)), None)
     budget = _int(body, budget_name, 0) if budget_name else None
     effort = _str(body, "reasoning_effort")
-    if effort is not None:
-        if budget_name:
-            raise bad("reasoning_effort", f"give either 'reasoning_effort' or '{budget_name}', not both")
-        try:
-            budget = effort_budget(EFFORT_ALIASES.get(effort, effort))
-        except ConfigError as exc:
-            raise bad("reasoning_effort", str(exc)) from None
-    min_thinking = _int(body, "min_thinking_tokens", 0) or 0
-    if budget is not None or min_thinking:
-        try:
-            out.append(ThinkingBudget(max_thinking=budget, min_thinking=min_thinking))
-        except ConfigError as exc:
-            raise bad(budget_name or ("reasoning_effort" if effort else "min_thinking_tokens"), str(exc)) from None
+    if effort is not None and budget_name:
+        raise bad("reasoning_effort", f"give either 'reasoning_effort' or '{budget_name}', not both")
+    min_thinking = _int(body, "min_thinking_tokens", 0) or None  # 0 asks for nothing
 
     ee = body.get("early_exit")
+    early_exit: dict[str, Any] | None = None
     if ee is not None and ee is not False:
         if ee is True:
-            opts: dict[str, Any] = {}
+            early_exit = {}
         elif isinstance(ee, dict):
             unknown = sorted(set(ee) - set(EARLY_EXIT_KEYS))
             if unknown:
                 raise bad("early_exit", f"unknown early_exit setting(s) {', '.join(unknown)}; known: {', '.join(EARLY_EXIT_KEYS)}")
-            opts = {k: v for k, v in ee.items() if v is not None}
+            early_exit = {k: v for k, v in ee.items() if v is not None}
         else:
             raise bad("early_exit", "'early_exit' must be true, false or an object", "invalid_type")
-        try:
-            out.append(EarlyExit(**opts))
-        except (ConfigError, TypeError) as exc:
+    spec = ControlSpec(think_budget=budget, effort=None if effort is None else EFFORT_ALIASES.get(effort, effort),
+                       min_thinking=min_thinking, early_exit=early_exit)
+    return spec, budget_name
+
+
+def controllers(body: dict) -> list[Controller]:
+    """Thinking budget and early exit from the request; the controllers validate the values,
+    and a bad one is a 400 naming the request field it came from."""
+    spec, budget_name = control_spec(body)
+    try:
+        return spec.controllers()
+    except ConfigError as exc:
+        if exc.param == EARLY_EXIT:
             raise bad("early_exit", f"invalid early_exit: {exc}") from None
-    return out
+        if exc.param == EFFORT:
+            raise bad("reasoning_effort", str(exc)) from None
+        raise bad(budget_name or ("reasoning_effort" if spec.effort else "min_thinking_tokens"), str(exc)) from None
 
 
 def _reasoning_format(body: dict, limits: Limits) -> str:
