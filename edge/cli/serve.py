@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edge.cli.options import model_options, pop_model_options
+from edge.cli.options import model_options
 
 
 @click.command()
@@ -30,17 +30,19 @@ def serve(chat_template_file: str | None, **kw) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health for one model."""
     from edge.server.config import ServerConfig
 
-    model, backend, model_opts = pop_model_options(kw)
+    from edge.cli.options import pop_model_spec
+
+    spec = pop_model_spec(kw)
     config = ServerConfig(**kw)  # validated before the model loads
     template = Path(chat_template_file).read_text(encoding="utf-8") if chat_template_file else None
 
     from edge.runtime import Runtime
     from edge.server.run import serve as run_server
 
-    with Runtime(model, backend=backend, chat_template=template, **model_opts) as rt:
+    with Runtime(spec, chat_template=template) as rt:
 
         def started(port: int) -> None:
             host = config.host if ":" not in config.host else f"[{config.host}]"
-            click.echo(f"edge-reason: serving {rt.backend.info.model_path or model} at http://{host}:{port}/v1", err=True)
+            click.echo(f"edge-reason: serving {rt.backend.info.model_path or spec.model} at http://{host}:{port}/v1", err=True)
 
         run_server(rt, config, on_started=started)

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 from edge.control.base import Controller
 from edge.control.spec import EARLY_EXIT, EFFORT, ControlSpec
 from edge.errors import ConfigError
-from edge.params import SamplingParams
+from edge.params import SamplingParams, request_fields
 
 REASONING_FORMATS = ("deepseek", "inline", "none")
 EFFORT_ALIASES = {"minimal": "low", "none": "off"}
@@ -161,7 +161,7 @@ def _object(body: dict, name: str) -> dict | None:
 # -- pieces ------------------------------------------------------------------------------------
 # Sampling fields passed to SamplingParams as sent: it checks types and ranges (the same check
 # as the CLI and the Python API); a ConfigError becomes a 400 naming the field.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "speculate")
+SAMPLING_FIELDS = request_fields(SamplingParams)  # temperature, top_p, top_k, min_p, repeat_penalty, seed, speculate
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range for this API; the library itself allows more
 
 
