@@ -19,6 +19,8 @@ RANDOM_SEED = -1
 """``seed=-1`` asks for a random seed, as in llama.cpp (the same as ``seed=None``)."""
 
 MAX_SEED = 2**64 - 1
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a token's logprobs may list (OpenAI's limit)."""
 
 
 def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
@@ -137,7 +139,7 @@ class SamplingParams:
             "seed": check_seed(self.seed),
             "max_tokens": check_int("max_tokens", self.max_tokens, 1),
             "stop": _check_stop(self.stop),
-            "top_logprobs": check_int("top_logprobs", self.top_logprobs, 0, 20),
+            "top_logprobs": check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS),
             "logprobs": _check_bool("logprobs", self.logprobs),
             "ignore_eos": _check_bool("ignore_eos", self.ignore_eos),
             "speculate": _check_bool("speculate", self.speculate),

@@ -36,14 +36,14 @@ from typing import Any, Sequence
 from edge.control.base import Controller
 from edge.control.spec import EARLY_EXIT, EFFORT, ControlSpec
 from edge.errors import ConfigError
-from edge.params import SamplingParams, request_fields
+from edge.params import MAX_TOP_LOGPROBS, SamplingParams, request_fields
 
 REASONING_FORMATS = ("deepseek", "inline", "none")
 EFFORT_ALIASES = {"minimal": "low", "none": "off"}
 ROLE_ALIASES = {"developer": "system"}  # current OpenAI clients send "developer" in place of "system"
 EARLY_EXIT_KEYS = ("threshold", "mode", "confidence", "k", "min_thinking", "min_gap", "gate", "window", "max_probes", "probe_max_tokens")
 MAX_STOP = 4
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = MAX_TOP_LOGPROBS
 
 
 class ApiError(Exception):
@@ -75,13 +75,19 @@ def bad(param: str | None, message: str, code: str = "invalid_value") -> ApiErro
     return ApiError(400, message, param=param, code=code)
 
 
+MAX_TOKENS_LIMIT = 8192
+DEFAULT_MAX_TOKENS = 2048
+"""The server's defaults for the largest max_tokens a request may ask for, and the max_tokens of
+one that gives none (``serve --max-tokens-limit`` / ``--default-max-tokens``)."""
+
+
 @dataclass
 class Limits:
     """What the server accepts (from :class:`edge.server.config.ServerConfig`)."""
 
-    max_tokens_limit: int = 8192
-    default_max_tokens: int = 2048
-    reasoning_format: str = "deepseek"
+    max_tokens_limit: int = MAX_TOKENS_LIMIT
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    reasoning_format: str = REASONING_FORMATS[0]
 
 
 @dataclass
