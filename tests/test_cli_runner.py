@@ -223,3 +223,51 @@ def test_model_options_reach_the_backend(models):
     models.calls.clear()
     assert invoke("run", "hi", "--backend", "scripted", "--ctx-beyond-training", "--json").exit_code == 0
     assert models.calls[0][1] == {"ctx_beyond_training": True}  # options left at their defaults: the backend's own
+
+
+# -- options declared once, with their fields ------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["run", "chat", "eval"])
+def test_every_offered_sampling_field_is_an_option(command):
+    from edge.cli.options import offered_fields
+
+    text = invoke(command, "--help").stdout
+    for f in offered_fields(SamplingParams):
+        assert f.metadata["flags"][0].split("/")[0] in text, (command, f.name)
+
+
+def test_a_new_field_becomes_an_option_and_a_request_field():
+    """What adding a field to SamplingParams gives: a flag with its default and help, a
+    request field of the server, and values checked by the dataclass."""
+    import click
+    from dataclasses import dataclass, field
+
+    from edge.cli.options import options_from, pop_sampling
+    from edge.params import offered, request_fields
+
+    @dataclass(frozen=True)
+    class More(SamplingParams):
+        typical_p: float = field(default=1.0, metadata=offered("--typical-p", help="Locally typical sampling.", request=True))
+
+    @click.command()
+    @options_from(More, {"temperature": {"default": 0.0}})
+    def cmd(**kw):
+        click.echo(repr(More(**kw)))
+
+    r = CliRunner().invoke(cmd, ["--typical-p", "0.5"])
+    assert r.exit_code == 0 and "typical_p=0.5" in r.stdout and "temperature=0.0" in r.stdout
+    assert "--typical-p FLOAT" in CliRunner().invoke(cmd, ["--help"]).stdout and "Locally typical sampling.  [default: 1.0]" in CliRunner().invoke(cmd, ["--help"]).stdout
+    assert "typical_p" in request_fields(More) and "max_tokens" not in request_fields(More)
+    assert set(request_fields(SamplingParams)) == {"temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "speculate"}
+    kw = {"temperature": 0.3, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "seed": None, "max_tokens": 8, "speculate": False, "rest": 1}
+    assert pop_sampling(kw) == SamplingParams(temperature=0.3, top_p=0.9, max_tokens=8) and kw == {"rest": 1}
+
+
+def test_serve_options_take_the_server_defaults():
+    from edge.server.config import ServerConfig
+
+    text = " ".join(invoke("serve", "--help").stdout.split())
+    c = ServerConfig()
+    for flag, value in (("--max-tokens-limit", c.max_tokens_limit), ("--default-max-tokens", c.default_max_tokens),
+                        ("--max-queue", c.max_queue), ("--port", c.port)):
+        assert f"{flag} INTEGER" in text and f"[default: {value}]" in text
