@@ -11,9 +11,9 @@ backend name does (``Runtime(backend=name)``, ``--backend name``)::
 
 A backend is called as ``factory(model, **options)`` (a class is such a factory) and returns an
 object of the :class:`~edge.backends.base.Backend` protocol; ``model`` is the resolved path of
-the model reference, and ``options`` are those of :class:`~edge.model_ref.ModelSpec` that a
-local backend takes (``n_ctx``, ``threads``, ``device``, ...) plus any backend keywords given to
-the Runtime."""
+the model reference, and ``options`` are the options of :class:`~edge.model_ref.ModelSpec` a
+local backend takes (``n_ctx``, ``threads``, ``device``, ``ctx_beyond_training``) that were given
+(an option left at its default is not passed), plus any backend keywords given to the Runtime."""
 
 from __future__ import annotations
 
