@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from edge.benchmarks.tasks import Item, is_equiv, score
-from edge.control.budget import AdaptiveBudget, LengthPredictor, ThinkingBudget, effort_budget
-from edge.control.early_exit import EarlyExit
+from edge.control.budget import LengthPredictor
+from edge.control.spec import ControlSpec
 from edge.errors import ConfigError
 from edge.params import SamplingParams
 from edge.runtime import collect
@@ -41,38 +41,50 @@ from edge.runtime import collect
 FAMILIES = ("unlimited", "oracle", "budget", "budget-step", "effort", "wait", "adaptive", "adaptive-step", "early-exit", "dynasor")
 
 
+ORACLE_PROBES = {"record_only": True, "gate": 0.0, "min_gap": 0, "max_probes": 100_000}
+"""The oracle's early exit: probes at every step boundary that record and never exit."""
+
+
 @dataclass
 class Policy:
     family: str
     value: Any = None
-    options: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.family if self.value is None else f"{self.family}:{self.value}"
 
-    def controllers(self, predictor: LengthPredictor | None = None) -> list:
-        o = dict(self.options)
-        f = self.family
+    @property
+    def spec(self) -> ControlSpec:
+        """The policy as a :class:`~edge.control.spec.ControlSpec` (what the CLI flags and the
+        server's fields are parsed into too)."""
+        f, v = self.family, self.value
+        cut = "step" if f.endswith("-step") else "token"  # cut at the last finished reasoning step
         if f == "unlimited":
-            return []
+            return ControlSpec()
         if f == "oracle":
-            return [EarlyExit(record_only=True, gate=0.0, min_gap=0, max_probes=100_000, **o)]
+            return ControlSpec(early_exit=ORACLE_PROBES)
         if f in ("budget", "budget-step"):
-            return [ThinkingBudget(max_thinking=self.value, **o)]
+            return ControlSpec(think_budget=v, cut=cut)
         if f == "effort":
-            return [ThinkingBudget(max_thinking=effort_budget(self.value))]
+            # a budget runs at every level, "max" (no cap) included: a model that stops inside
+            # its thinking is made to answer, as under every other budget policy
+            return ControlSpec(effort=v, min_thinking=0)
         if f == "wait":
-            return [ThinkingBudget(min_thinking=self.value)]
+            return ControlSpec(min_thinking=v)
         if f in ("adaptive", "adaptive-step"):
-            if predictor is None:
-                raise ConfigError("the adaptive policy needs a calibration (--calibration FILE or a task with a validation split)")
-            return [AdaptiveBudget(predictor=predictor, scale=self.value, **o)]
+            return ControlSpec(adaptive=v, cut=cut)
         if f == "early-exit":
-            return [EarlyExit(threshold=self.value, **o)]
+            return ControlSpec(early_exit={"threshold": v})
         if f == "dynasor":
-            return [EarlyExit(mode="consistency", k=self.value, **o)]
+            return ControlSpec(early_exit={"mode": "consistency", "k": v})
         raise ConfigError(f"unknown policy {f!r}")
+
+    def controllers(self, predictor: LengthPredictor | None = None) -> list:
+        spec = self.spec
+        if spec.adaptive is not None and predictor is None:
+            raise ConfigError("the adaptive policy needs a calibration (--calibration FILE or a task with a validation split)")
+        return spec.controllers(predictor)
 
 
 def _number(text: str, kind: type, what: str):
@@ -90,7 +102,7 @@ def parse_policies(spec: str) -> list[Policy]:
     if family in ("budget-step", "adaptive-step"):
         # the same budgets, cut at the last finished reasoning step (ThinkingBudget cut="step")
         base = family[: -len("-step")]
-        return [Policy(family, p.value, {"cut": "step"}) for p in parse_policies(base + (":" + rest if rest else ""))]
+        return [Policy(family, p.value) for p in parse_policies(base + (":" + rest if rest else ""))]
     values = [v for v in rest.split(",") if v.strip()] if rest else []
     if family in ("unlimited", "oracle"):
         if values:

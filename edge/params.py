@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable
 
 from edge.errors import ConfigError
 
@@ -18,6 +19,8 @@ RANDOM_SEED = -1
 """``seed=-1`` asks for a random seed, as in llama.cpp (the same as ``seed=None``)."""
 
 MAX_SEED = 2**64 - 1
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a token's logprobs may list (OpenAI's limit)."""
 
 
 def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
@@ -82,6 +85,18 @@ def _check_stop(value: object) -> tuple[str, ...]:
     return stop
 
 
+def offered(*flags: str, help: str | Callable[[], str] | None = None, request: bool = False, **cli: Any) -> dict:
+    """Field metadata: how a field is offered to users, declared once with the field.
+
+    ``flags``: its command-line option in click's spelling (``"--speculate/--no-speculate"``
+    for a switch), with ``help`` (a text, or a function that makes it when the option is made)
+    and any other click keywords in ``cli`` (``metavar``, ``show_default``);
+    :func:`edge.cli.options.options_from` makes the click option from this, with the field's
+    name, type and default. ``request``: the server takes a request field of the same name,
+    passed as sent (:func:`request_fields`)."""
+    return {"flags": flags, "help": help, "request": request, "cli": cli}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How tokens are chosen and how long generation may run.
@@ -94,19 +109,24 @@ class SamplingParams:
     text for a seeded run), fewer model steps when the trace repeats itself.
     """
 
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
+    temperature: float = field(default=0.6, metadata=offered("--temperature", "--temp", help="0 = greedy.", request=True))
+    top_p: float = field(default=0.95, metadata=offered("--top-p", request=True))
+    top_k: int = field(default=0, metadata=offered("--top-k", help="0 = off.", request=True))
+    min_p: float = field(default=0.0, metadata=offered("--min-p", request=True))
+    repeat_penalty: float = field(default=1.0, metadata=offered("--repeat-penalty", request=True))
     repeat_last_n: int = 64
-    seed: int | None = None
-    max_tokens: int = 4096
+    seed: int | None = field(default=None, metadata=offered(
+        "--seed", help="Sampling seed (runs are reproducible with one); -1 or none = random, as in llama.cpp.", request=True))
+    # the server reads max_tokens against its own limits (edge.server.protocol)
+    max_tokens: int = field(default=4096, metadata=offered("--max-tokens", help="Cap on generated tokens (thinking + answer)."))
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0
     logprobs: bool = False
     ignore_eos: bool = False
-    speculate: bool = False
+    speculate: bool = field(default=False, metadata=offered(
+        "--speculate/--no-speculate",
+        help="Speculative decoding from n-gram lookup over the prompt and the reasoning so far: the same "
+             "output, fewer model steps when the trace repeats itself.", request=True))
 
     def __post_init__(self) -> None:
         checked = {
@@ -119,7 +139,7 @@ class SamplingParams:
             "seed": check_seed(self.seed),
             "max_tokens": check_int("max_tokens", self.max_tokens, 1),
             "stop": _check_stop(self.stop),
-            "top_logprobs": check_int("top_logprobs", self.top_logprobs, 0, 20),
+            "top_logprobs": check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS),
             "logprobs": _check_bool("logprobs", self.logprobs),
             "ignore_eos": _check_bool("ignore_eos", self.ignore_eos),
             "speculate": _check_bool("speculate", self.speculate),
@@ -133,6 +153,11 @@ class SamplingParams:
 
     def with_(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
+
+
+def request_fields(cls: type = SamplingParams) -> tuple[str, ...]:
+    """The fields of ``cls`` a server request may set by name, as sent (see :func:`offered`)."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("request"))
 
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0)

@@ -32,16 +32,17 @@ the model; leaving the ``async for`` early (or cancelling the task) stops the ge
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
-from edge.backends import load_backend
 from edge.backends.base import Backend
 from edge.control.base import Controller
 from edge.errors import BackendError
 from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta
 from edge.generate import PromptCache
+from edge.model_ref import ModelSpec
 from edge.params import SamplingParams
 from edge.templates import ChatTemplate, TemplateLimits, thinking_open
 from edge.think import DEFAULT_TAGS, TagPair
@@ -164,11 +165,15 @@ _DEFAULT: Any = object()  # "the runtime's setting" for per-call options
 
 
 class Runtime:
-    """A loaded model plus everything needed to chat with it."""
+    """A loaded model plus everything needed to chat with it.
+
+    ``model`` is a model reference (see :mod:`edge.model_ref`), or a whole
+    :class:`~edge.model_ref.ModelSpec`: then the backend, its options and the reasoning prompt
+    come from the spec. ``backend`` is a backend name, or a loaded backend object."""
 
     def __init__(
         self,
-        model: str | None = None,
+        model: str | os.PathLike | ModelSpec | None = None,
         *,
         backend: str | Backend = "llamacpp",
         n_ctx: int | None = None,
@@ -183,24 +188,17 @@ class Runtime:
     ) -> None:
         from edge.reasoning import reasoning_instruction
 
+        if isinstance(model, ModelSpec):
+            reasoning_prompt = model.reasoning_prompt
         # checked before the model loads; the default for every call (a call may override it)
         self.reasoning_prompt = reasoning_instruction(reasoning_prompt)
         self.template_limits = template_limits or TemplateLimits()
         if chat_template:  # a given template is checked before the model loads
             ChatTemplate(chat_template, name="given").check(self.template_limits)
         if isinstance(backend, str):
-            if backend == "remote":
-                self.backend = load_backend(backend, str(model), n_ctx=n_ctx, **backend_options)
-            else:
-                from edge.models import resolve_model
-
-                path = resolve_model(model)
-                if backend == "llamacpp" and path.is_dir() and any(path.glob("*.onnx")):
-                    backend = "onnx"  # an exported ONNX folder: no need to say --backend onnx
-                opts = dict(n_ctx=n_ctx, threads=threads, device=device, **backend_options)
-                if backend == "llamacpp":
-                    opts["gpu_layers"] = gpu_layers
-                self.backend = load_backend(backend, str(path), **opts)
+            spec = model if isinstance(model, ModelSpec) else ModelSpec.of(
+                model, backend=backend, n_ctx=n_ctx, threads=threads, device=device, gpu_layers=gpu_layers, **backend_options)
+            self.backend = spec.load_backend()
         else:
             self.backend = backend
         self.tags = tags

@@ -12,7 +12,7 @@ from edge.benchmarks.bench import schema
 from edge.benchmarks.bench.suites import BenchConfig, spread
 from edge.cli.main import main
 from edge.errors import ConfigError
-from edge.models import BUNDLED_DIR, DEFAULT_MODEL_FILE
+from edge.model_ref import BUNDLED_DIR, DEFAULT_MODEL_FILE
 from tests.conftest import run_cli
 
 RECORD = Path(__file__).resolve().parent / "fixtures" / "bench" / "records" / "phone-sm8250.json"

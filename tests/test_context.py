@@ -21,7 +21,7 @@ from edge.backends.context import (
 )
 from edge.backends.gguf_meta import read_metadata, trained_context
 from edge.errors import ConfigError, InvalidModelError
-from edge.models import resolve_model
+from edge.model_ref import resolve_model
 
 SMOLLM2_KV_PER_TOKEN = 30 * 3 * (64 + 64) * 2  # layers x KV heads x (K + V head size) x f16
 

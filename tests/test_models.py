@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge.errors import ModelNotFoundError
-from edge.models import HUB_REF, resolve_model
+from edge.model_ref import HUB_REF, resolve_model
 
 
 class HubHandler(http.server.BaseHTTPRequestHandler):

@@ -22,7 +22,7 @@ from edge.control.budget import ThinkingBudget
 from edge.control.early_exit import EarlyExit
 from edge.errors import BackendError, ConfigError, PromptError
 from edge.events import ThinkingDelta
-from edge.models import default_model
+from edge.model_ref import default_model
 from edge.params import SamplingParams
 from edge.runtime import Runtime, collect
 from tests.conftest import REPO

@@ -10,7 +10,7 @@ from edge.control.base import Controller
 from edge.control.budget import ThinkingBudget
 from edge.control.early_exit import EarlyExit
 from edge.events import ControlEvent
-from edge.models import default_model
+from edge.model_ref import default_model
 from edge.params import SamplingParams
 from edge.runtime import Runtime, collect
 

@@ -434,7 +434,7 @@ def run(model: str | os.PathLike | None, cfg: BenchConfig, *, progress: Progress
         device_name: str | None = None, argv: Sequence[str] | None = None, notes: str | None = None) -> dict[str, Any]:
     """Run the suites of ``cfg`` on ``model`` and return one record (see :mod:`.schema`)."""
     from edge.backends.llamacpp import check_gguf_file
-    from edge.models import resolve_model
+    from edge.model_ref import resolve_model
 
     progress = progress or Progress(enabled=False)
     path = str(check_gguf_file(resolve_model(model)))

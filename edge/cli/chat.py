@@ -54,7 +54,7 @@ def chat(system: str | None, hide_thinking: bool, no_think: bool, **kw) -> None:
         name = rt.backend.info.extra.get("model_name") or rt.backend.info.model_path
         click.echo(f"edge-reason chat - {name} on {rt.backend.info.device}. /help for commands, Ctrl-D to exit.", err=True)
         if bundled:
-            from edge.models import DEFAULT_MODEL_HINT
+            from edge.model_ref import DEFAULT_MODEL_HINT
 
             click.echo(f"({DEFAULT_MODEL_HINT})", err=True)
         while True:

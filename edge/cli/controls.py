@@ -8,6 +8,7 @@ from typing import Any, Callable
 import click
 
 from edge.control.base import Controller
+from edge.control.spec import ControlSpec
 
 CONTROL_KEYS = ("think_budget", "min_thinking", "effort", "answer_budget", "budget_message", "early_exit", "exit_threshold", "exit_mode")
 
@@ -32,32 +33,29 @@ def pop_control(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: kw.pop(k) for k in CONTROL_KEYS if k in kw}
 
 
-def build_controllers(o: dict[str, Any]) -> list[Controller]:
-    """Controllers for the options, validated (bad values raise ConfigError)."""
-    from edge.control.budget import DEFAULT_END_MESSAGE, ThinkingBudget, effort_budget
-    from edge.control.early_exit import EarlyExit
+def control_spec(o: dict[str, Any]) -> ControlSpec:
+    """The controller flags as a :class:`~edge.control.spec.ControlSpec`; flags that exclude
+    each other, or need another, are refused here (ConfigError), in the words of the flags."""
     from edge.errors import ConfigError
 
-    out: list[Controller] = []
-    budget = o.get("think_budget")
-    if o.get("effort"):
-        if budget is not None:
-            raise ConfigError("give either --think-budget or --effort, not both")
-        budget = effort_budget(o["effort"])
-    if budget is not None or o.get("min_thinking") or o.get("answer_budget") is not None:
-        out.append(
-            ThinkingBudget(
-                max_thinking=budget,
-                min_thinking=o.get("min_thinking") or 0,
-                answer_budget=o.get("answer_budget"),
-                end_message=o.get("budget_message") or DEFAULT_END_MESSAGE,
-            )
-        )
-    if o.get("early_exit"):
-        ee = {k: v for k, v in (("threshold", o.get("exit_threshold")), ("mode", o.get("exit_mode"))) if v is not None}
-        out.append(EarlyExit(**ee))  # EarlyExit's own defaults, written once
-    else:
+    if o.get("effort") and o.get("think_budget") is not None:
+        raise ConfigError("give either --think-budget or --effort, not both")
+    if not o.get("early_exit"):
         for flag, key in (("--exit-threshold", "exit_threshold"), ("--exit-mode", "exit_mode")):
             if o.get(key) is not None:
                 raise ConfigError(f"{flag} needs --early-exit")
-    return out
+    return ControlSpec(
+        think_budget=o.get("think_budget"),
+        effort=o.get("effort") or None,
+        min_thinking=o.get("min_thinking") or None,  # the default 0 asks for nothing
+        answer_budget=o.get("answer_budget"),
+        budget_message=o.get("budget_message"),
+        # EarlyExit's own defaults for what is not given, written once
+        early_exit={k: v for k, v in (("threshold", o.get("exit_threshold")), ("mode", o.get("exit_mode"))) if v is not None}
+        if o.get("early_exit") else None,
+    )
+
+
+def build_controllers(o: dict[str, Any]) -> list[Controller]:
+    """Controllers for the flags, validated (bad values raise ConfigError)."""
+    return control_spec(o).controllers()

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from edge.cli.options import model_options, open_runtime
+from edge.cli.options import model_options, open_runtime, options_from, pop_sampling
+from edge.params import SamplingParams
+
+# eval decodes greedily by default (top_p then 1.0), with a fixed seed for sampled runs
+EVAL_SAMPLING = {
+    "temperature": {"default": 0.0},
+    "top_p": {"default": None, "help": "Default: 1.0 when greedy (--temperature 0), else 0.95."},
+    "seed": {"default": 0},
+}
 
 
 @click.command("eval")
@@ -28,12 +36,10 @@ from edge.cli.options import model_options, open_runtime
               help="Folder for records.jsonl, summary, curve.csv and curve.png; an interrupted run given the same folder resumes.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None, help="Adaptive-budget calibration JSON (made with --calibrate).")
 @click.option("--calibrate", is_flag=True, help="Fit the adaptive-budget predictor on the validation split first.")
-@click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-tokens", type=int, default=4096, show_default=True)
+@options_from(SamplingParams, EVAL_SAMPLING)
 @click.option("--no-plot", is_flag=True, help="Skip the PNG plot.")
 def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, policies, limit, out, calibration, calibrate,
-             temperature, seed, max_tokens, no_plot, **kw) -> None:
+             no_plot, **kw) -> None:
     """Run each policy on a task; print a summary table (and write records with --out)."""
     import dataclasses
     import json
@@ -42,12 +48,13 @@ def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, po
     from edge.benchmarks.tasks import load_task, task_spec
     from edge.control.budget import LengthPredictor
     from edge.errors import ConfigError
-    from edge.params import SamplingParams
 
     pols = [p for spec in policies for p in harness.parse_policies(spec)]
     spec = task_spec(task, data, question=question_field, answer=answer_field, scorer=scorer, suffix=prompt_suffix)
     items = load_task(spec, limit)
-    params = SamplingParams(temperature=temperature, top_p=1.0 if temperature == 0 else 0.95, seed=seed, max_tokens=max_tokens)
+    if kw["top_p"] is None:
+        kw["top_p"] = 1.0 if kw["temperature"] == 0 else SamplingParams.top_p
+    params = pop_sampling(kw)
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     predictor = None

@@ -25,7 +25,30 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _debug() -> bool:
+    """``EDGE_DEBUG=1``: errors show their traceback."""
+    return os.environ.get("EDGE_DEBUG", "") not in ("", "0")
+
+
 class LazyGroup(click.Group):
+    """The command group: subcommands imported when invoked, and the errors a user can cause
+    (:class:`EdgeError`, a file the system refuses) turned into one ``error:`` line on stderr
+    and a non-zero exit, wherever the group is invoked from (``main``, click's ``CliRunner``)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeError as exc:
+            if _debug():
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except OSError as exc:
+            if _debug():
+                raise
+            click.echo(f"error: {exc.strerror or exc} ({exc.filename})" if getattr(exc, "filename", None) else f"error: {exc}", err=True)
+            ctx.exit(1)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [name for name, (mod, _, _) in COMMANDS.items() if importlib.util.find_spec(mod) is not None]
 
@@ -57,17 +80,12 @@ def cli(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: domain errors become one line on stderr and a non-zero exit."""
-    debug = os.environ.get("EDGE_DEBUG", "") not in ("", "0")
+    """Entry point: errors a user can cause become one line on stderr and a non-zero exit
+    (domain errors in :class:`LazyGroup`; click's own usage errors and Ctrl-C here)."""
     try:
         rv = cli.main(args=argv, prog_name="edge-reason", standalone_mode=False)
         if isinstance(rv, int) and rv:
             sys.exit(rv)
-    except EdgeError as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -76,11 +94,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
-    except OSError as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc.strerror or exc} ({exc.filename})" if getattr(exc, "filename", None) else f"error: {exc}", err=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,105 +1,91 @@
 """Options shared by the commands that load a model, and the builders that turn them into
-library objects (a :class:`~edge.runtime.Runtime`, one :class:`~edge.params.SamplingParams`)."""
+library objects (a :class:`~edge.model_ref.ModelSpec` and its Runtime, one
+:class:`~edge.params.SamplingParams`).
+
+The options are made from the fields of those dataclasses (:func:`options_from`): a field's
+metadata (:func:`edge.params.offered`) gives its flags and help, the field its name, type and
+default, so an option is declared once, with the value it sets."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import types
+import typing
+from dataclasses import MISSING, fields
+from typing import Any, Callable, Mapping
 
 import click
 
-from edge.backends.devices import KNOWN_DEVICES
-from edge.errors import ConfigError
-
-def check_device(device: str) -> None:
-    """Refuse a device name no backend knows; the backend checks what its own build has."""
-    if device not in KNOWN_DEVICES:
-        raise ConfigError(f"unknown device {device!r}; choose one of: {', '.join(KNOWN_DEVICES)}")
+from edge.model_ref import ModelSpec
+from edge.params import SamplingParams
 
 
-def _threads_help() -> str:
-    from edge.backends.cpu import default_threads
+def _click_type(hint: Any) -> Any:
+    """``int | None`` -> int: the type click converts the text to."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
 
-    auto = default_threads()
-    return (f"CPU threads for decoding and batches (default here: {auto.decode} to decode, one per performance core "
-            f"({auto.source}), {auto.batch} for batches).")
+
+def offered_fields(cls: type) -> list:
+    """The fields of a dataclass that have a command-line option, in declaration order."""
+    return [f for f in fields(cls) if f.metadata.get("flags")]
+
+
+def options_from(cls: type, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Callable[[Callable], Callable]:
+    """A decorator adding one click option per offered field of ``cls`` (see
+    :func:`edge.params.offered`); ``overrides`` changes click keywords of some (another
+    command's default, say: ``{"temperature": {"default": 0.0}}``)."""
+    hints = typing.get_type_hints(cls)
+
+    def option(f) -> Callable:
+        meta = f.metadata
+        kw: dict[str, Any] = {"default": f.default if f.default is not MISSING else None}
+        hint = _click_type(hints[f.name])
+        if hint is bool:
+            kw["is_flag"] = True
+        else:
+            kw["type"] = hint
+        help = meta["help"]
+        kw["help"] = help() if callable(help) else help
+        kw.update(meta["cli"])
+        kw.update((overrides or {}).get(f.name, {}))
+        kw.setdefault("show_default", kw["default"] is not None and not (kw.get("is_flag") and "/" not in meta["flags"][0]))
+        return click.option(*meta["flags"], f.name, **kw)
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(offered_fields(cls)):
+            fn = option(f)(fn)
+        return fn
+
+    return decorate
 
 
 def model_options(f: Callable) -> Callable:
-    opts = [
-        click.option("-m", "--model", default=None, help="GGUF path, ONNX folder, or owner/repo:file.gguf (default: the bundled tiny-r1)."),
-        click.option("--backend", default="llamacpp", show_default=True, help="llamacpp | onnx | remote"),
-        click.option("--ctx", "n_ctx", type=int, default=None,
-                     help="Context size in tokens (default: 4096, or the model's trained length if smaller); refused beyond the trained "
-                          "length or when the KV cache and weights would not fit in memory."),
-        click.option("--ctx-beyond-training", is_flag=True, help="Allow a --ctx above the model's trained length (its output degrades there)."),
-        click.option("--threads", type=int, default=None, help=_threads_help()),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto | cpu | cuda | metal; with an ONNX model also xnnpack | qnn | nnapi | coreml | dml | openvino | rocm | tensorrt | webgpu."),
-        click.option("--gpu-layers", type=int, default=None, help="Layers to offload (-1 = all; default all when a GPU is used)."),
-        click.option("--reasoning-prompt", default=None, metavar="STYLE|TEXT",
-                     help="Make an instruct model reason in <think>: a system instruction (style 'step' or 'r1', or your own "
-                          "text) and an opened think block. Not needed for R1-Distill and other reasoning models."),
-        click.option("--timeout", type=float, default=None,
-                     help="With --backend remote: seconds to wait for each answer of the server (default 120); a server stalled longer is an error."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+    return options_from(ModelSpec)(f)
 
 
-def sampling_options(f: Callable) -> Callable:
-    opts = [
-        click.option("--temperature", "--temp", type=float, default=0.6, show_default=True, help="0 = greedy."),
-        click.option("--top-p", type=float, default=0.95, show_default=True),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
-        click.option("--min-p", type=float, default=0.0, show_default=True),
-        click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Sampling seed (runs are reproducible with one); -1 or none = random, as in llama.cpp."),
-        click.option("--max-tokens", type=int, default=4096, show_default=True, help="Cap on generated tokens (thinking + answer)."),
-        click.option("--speculate/--no-speculate", default=False, show_default=True,
-                     help="Speculative decoding from n-gram lookup over the prompt and the reasoning so far: the same "
-                          "output, fewer model steps when the trace repeats itself."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+sampling_options = options_from(SamplingParams)
+
+SAMPLING_KEYS = tuple(f.name for f in offered_fields(SamplingParams))
+MODEL_KEYS = tuple(f.name for f in offered_fields(ModelSpec))
 
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens", "speculate")
-MODEL_KEYS = ("model", "backend", "n_ctx", "ctx_beyond_training", "threads", "device", "gpu_layers", "reasoning_prompt", "timeout")
+def pop_sampling(kw: dict[str, Any]) -> SamplingParams:
+    """One SamplingParams from the sampling options in ``kw`` (removed from it); it checks the values."""
+    return SamplingParams(**{k: kw.pop(k) for k in SAMPLING_KEYS if k in kw})
 
 
-def pop_sampling(kw: dict[str, Any]):
-    from edge.params import SamplingParams
-
-    return SamplingParams(**{k: kw.pop(k) for k in SAMPLING_KEYS})
-
-
-def pop_model_options(kw: dict[str, Any]) -> tuple[str | None, str, dict[str, Any]]:
-    """(model, backend, Runtime keywords) from the model options in ``kw`` (removed from it),
-    less those the chosen backend does not take; the device name is checked here."""
-    opts = {k: kw.pop(k) for k in MODEL_KEYS}
-    check_device(opts["device"])
-    model, backend = opts.pop("model"), opts.pop("backend")
-    if backend != "llamacpp":
-        opts.pop("gpu_layers")
-    if backend == "remote" or not opts["ctx_beyond_training"]:
-        opts.pop("ctx_beyond_training")  # the remote server has its own context
-    timeout = opts.pop("timeout", None)
-    if timeout is not None:
-        if backend != "remote":
-            raise ConfigError("--timeout applies to --backend remote only")
-        opts["timeout"] = timeout
-    return model, backend, opts
+def pop_model_spec(kw: dict[str, Any]) -> ModelSpec:
+    """The model options in ``kw`` (removed from it) as a ModelSpec; it checks the values."""
+    return ModelSpec(**{k: kw.pop(k) for k in MODEL_KEYS})
 
 
-def open_runtime(kw: dict[str, Any]):
+def open_runtime(kw: dict[str, Any], **runtime: Any):
     """Build a Runtime from the model options in ``kw`` (removed from it)."""
-    model, backend, opts = pop_model_options(kw)
+    spec = pop_model_spec(kw)
     from edge.runtime import Runtime
 
-    return Runtime(model, backend=backend, **opts)
+    return Runtime(spec, **runtime)
 
 
 def passthrough(f: Callable) -> Callable:

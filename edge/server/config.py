@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from edge.errors import ConfigError
-from edge.server.protocol import REASONING_FORMATS, Limits
+from edge.server.protocol import DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT, REASONING_FORMATS, Limits
 from edge.templates import TemplateLimits
 
 log = logging.getLogger("edge.server")
@@ -19,17 +19,18 @@ LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 @dataclass
 class ServerConfig:
-    """How ``edge-reason serve`` runs. Defaults are safe for a desktop app: loopback only."""
+    """How ``edge-reason serve`` runs. Defaults are safe for a desktop app: loopback only.
+    The server's limits are set here and nowhere else (``serve``'s options take these defaults)."""
 
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
     model_id: str | None = None
-    reasoning_format: str = "deepseek"
+    reasoning_format: str = REASONING_FORMATS[0]
     max_body_bytes: int = 1 << 20
     body_timeout_s: float = 30.0  # the whole request body must arrive within this (else 408)
-    max_tokens_limit: int = 8192
-    default_max_tokens: int = 2048
+    max_tokens_limit: int = MAX_TOKENS_LIMIT
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
     max_queue: int = 8
     retry_after_s: int = 1
     log_level: str = "info"

@@ -34,15 +34,16 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from edge.control.base import Controller
+from edge.control.spec import EARLY_EXIT, EFFORT, ControlSpec
 from edge.errors import ConfigError
-from edge.params import SamplingParams
+from edge.params import MAX_TOP_LOGPROBS, SamplingParams, request_fields
 
 REASONING_FORMATS = ("deepseek", "inline", "none")
 EFFORT_ALIASES = {"minimal": "low", "none": "off"}
 ROLE_ALIASES = {"developer": "system"}  # current OpenAI clients send "developer" in place of "system"
 EARLY_EXIT_KEYS = ("threshold", "mode", "confidence", "k", "min_thinking", "min_gap", "gate", "window", "max_probes", "probe_max_tokens")
 MAX_STOP = 4
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = MAX_TOP_LOGPROBS
 
 
 class ApiError(Exception):
@@ -74,13 +75,19 @@ def bad(param: str | None, message: str, code: str = "invalid_value") -> ApiErro
     return ApiError(400, message, param=param, code=code)
 
 
+MAX_TOKENS_LIMIT = 8192
+DEFAULT_MAX_TOKENS = 2048
+"""The server's defaults for the largest max_tokens a request may ask for, and the max_tokens of
+one that gives none (``serve --max-tokens-limit`` / ``--default-max-tokens``)."""
+
+
 @dataclass
 class Limits:
     """What the server accepts (from :class:`edge.server.config.ServerConfig`)."""
 
-    max_tokens_limit: int = 8192
-    default_max_tokens: int = 2048
-    reasoning_format: str = "deepseek"
+    max_tokens_limit: int = MAX_TOKENS_LIMIT
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    reasoning_format: str = REASONING_FORMATS[0]
 
 
 @dataclass
@@ -160,7 +167,7 @@ def _object(body: dict, name: str) -> dict | None:
 # -- pieces ------------------------------------------------------------------------------------
 # Sampling fields passed to SamplingParams as sent: it checks types and ranges (the same check
 # as the CLI and the Python API); a ConfigError becomes a 400 naming the field.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "speculate")
+SAMPLING_FIELDS = request_fields(SamplingParams)  # temperature, top_p, top_k, min_p, repeat_penalty, seed, speculate
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range for this API; the library itself allows more
 
 
@@ -199,45 +206,45 @@ def sampling_params(body: dict, limits: Limits, *, logprobs: int = 0) -> Samplin
     return params
 
 
-def controllers(body: dict) -> list[Controller]:
-    """Thinking budget and early exit from the request; the classes validate the values."""
-    from edge.control.budget import ThinkingBudget, effort_budget
-    from edge.control.early_exit import EarlyExit
-
-    out: list[Controller] = []
+def control_spec(body: dict) -> tuple[ControlSpec, str | None]:
+    """Thinking budget and early exit fields -> a ControlSpec, and the name the request gave
+    its thinking budget (``thinking_budget`` or ``max_thinking_tokens``; None if neither)."""
     budget_name = next((n for n in ("thinking_budget", "max_thinking_tokens") if _present(body, n)), None)
     budget = _int(body, budget_name, 0) if budget_name else None
     effort = _str(body, "reasoning_effort")
-    if effort is not None:
-        if budget_name:
-            raise bad("reasoning_effort", f"give either 'reasoning_effort' or '{budget_name}', not both")
-        try:
-            budget = effort_budget(EFFORT_ALIASES.get(effort, effort))
-        except ConfigError as exc:
-            raise bad("reasoning_effort", str(exc)) from None
-    min_thinking = _int(body, "min_thinking_tokens", 0) or 0
-    if budget is not None or min_thinking:
-        try:
-            out.append(ThinkingBudget(max_thinking=budget, min_thinking=min_thinking))
-        except ConfigError as exc:
-            raise bad(budget_name or ("reasoning_effort" if effort else "min_thinking_tokens"), str(exc)) from None
+    if effort is not None and budget_name:
+        raise bad("reasoning_effort", f"give either 'reasoning_effort' or '{budget_name}', not both")
+    min_thinking = _int(body, "min_thinking_tokens", 0) or None  # 0 asks for nothing
 
     ee = body.get("early_exit")
+    early_exit: dict[str, Any] | None = None
     if ee is not None and ee is not False:
         if ee is True:
-            opts: dict[str, Any] = {}
+            early_exit = {}
         elif isinstance(ee, dict):
             unknown = sorted(set(ee) - set(EARLY_EXIT_KEYS))
             if unknown:
                 raise bad("early_exit", f"unknown early_exit setting(s) {', '.join(unknown)}; known: {', '.join(EARLY_EXIT_KEYS)}")
-            opts = {k: v for k, v in ee.items() if v is not None}
+            early_exit = {k: v for k, v in ee.items() if v is not None}
         else:
             raise bad("early_exit", "'early_exit' must be true, false or an object", "invalid_type")
-        try:
-            out.append(EarlyExit(**opts))
-        except (ConfigError, TypeError) as exc:
+    spec = ControlSpec(think_budget=budget, effort=None if effort is None else EFFORT_ALIASES.get(effort, effort),
+                       min_thinking=min_thinking, early_exit=early_exit)
+    return spec, budget_name
+
+
+def controllers(body: dict) -> list[Controller]:
+    """Thinking budget and early exit from the request; the controllers validate the values,
+    and a bad one is a 400 naming the request field it came from."""
+    spec, budget_name = control_spec(body)
+    try:
+        return spec.controllers()
+    except ConfigError as exc:
+        if exc.param == EARLY_EXIT:
             raise bad("early_exit", f"invalid early_exit: {exc}") from None
-    return out
+        if exc.param == EFFORT:
+            raise bad("reasoning_effort", str(exc)) from None
+        raise bad(budget_name or ("reasoning_effort" if spec.effort else "min_thinking_tokens"), str(exc)) from None
 
 
 def _reasoning_format(body: dict, limits: Limits) -> str:
