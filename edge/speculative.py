@@ -179,6 +179,7 @@ class Speculator:
     eos_token_ids = property(lambda self: self.base.eos_token_ids)
     bos_token = property(lambda self: self.base.bos_token)
     eos_token = property(lambda self: self.base.eos_token)
+    add_bos = property(lambda self: self.base.add_bos)
     chat_template = property(lambda self: self.base.chat_template)
 
     @property
@@ -194,6 +195,9 @@ class Speculator:
 
     def token_bytes(self, token: int) -> bytes:
         return self.base.token_bytes(token)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.base.detokenize(tokens)
 
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
         """A plain evaluation (a probe, an injected text): the pending draft is dropped first."""
