@@ -13,7 +13,8 @@ step costs:
 - a step whose token is the next drafted one is served from the rows already computed: no model
   call;
 - any other step evaluates the token *and* a fresh draft in one batch
-  (:meth:`Backend.score`, every row's logits), keeps the rows, and returns the token's own.
+  (the backend's optional ``score``, as :meth:`edge.backends.llamacpp.LlamaCppBackend.score`:
+  every row's logits), keeps the rows, and returns the token's own.
 
 A drafted token is committed only if the sampler, run on its row exactly as it would be run
 without speculation, chooses that very token. For a deterministic draft this *is* the standard

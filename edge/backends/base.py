@@ -9,7 +9,7 @@ Contract:
   (float32, shape ``(n_vocab,)``) of the token that follows the last one.
 - ``rollback(n)`` truncates the cache to its first ``n`` tokens (``0 <= n <= n_past``); it never
   re-evaluates anything. The logits after position ``n - 1`` are not returned: the caller
-  keeps the logits it already had (see :class:`edge.generate.Generator`).
+  keeps the logits it already had (the loop in :mod:`edge.generate`).
 - ``tokens`` is the list of token ids currently in the cache (length ``n_past``).
 - ``token_bytes(t)`` is the raw byte string of one token (may be a partial UTF-8 character);
   ``detokenize(ids)`` is the text of several (:func:`token_text` of their joined bytes).

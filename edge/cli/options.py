@@ -3,7 +3,6 @@ library objects (a :class:`~edge.runtime.Runtime`, one :class:`~edge.params.Samp
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import click
@@ -101,10 +100,3 @@ def open_runtime(kw: dict[str, Any]):
 
     return Runtime(model, backend=backend, **opts)
 
-
-def passthrough(f: Callable) -> Callable:
-    @functools.wraps(f)
-    def wrapper(**kw: Any) -> Any:
-        return f(**kw)
-
-    return wrapper
