@@ -8,7 +8,9 @@
         reply = rt.ask("a = 3. b = a + 4. What is b?", params=SamplingParams(temperature=0))
         print(reply.answer, reply.reasoning, reply.stats.thinking_tokens)
 
-One runtime owns one backend; calls from several threads are serialised by a lock, and a
+One runtime owns one backend; calls from several threads are serialised by a lock (token-level
+calls too: :meth:`Runtime.tokenize`, :meth:`Runtime.token_pieces`, :meth:`Runtime.detokenize`
+wait for a running generation rather than touch the backend beside it), and a
 ``threading.Event`` passed as ``cancel`` stops a generation from another thread (checked
 before every token, and every few milliseconds while the call waits for the lock; the stream
 then ends with ``Done`` whose ``finish_reason`` is ``"cancelled"``).
