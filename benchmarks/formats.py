@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edge.benchmarks.harness import atomic_write
+from edge.files import atomic_write
 
 HERE = Path(__file__).resolve().parent
 FORMATS = [("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int4")]

@@ -27,7 +27,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -35,6 +35,7 @@ from edge.benchmarks.tasks import Item, is_equiv, score
 from edge.control.budget import LengthPredictor
 from edge.control.spec import ControlSpec
 from edge.errors import ConfigError
+from edge.files import atomic_output, atomic_write
 from edge.params import SamplingParams
 from edge.runtime import collect
 
@@ -296,33 +297,6 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
     return "\n".join(out) + "\n"
 
 
-def compare_at_equal_tokens(rows: Sequence[dict], family_a: str, family_b: str) -> list[dict]:
-    """For each point of family A, family B's accuracy interpolated at A's mean thinking tokens."""
-    def pts(fam):
-        return sorted((r["thinking_tokens"], r["accuracy"]) for r in rows if r["policy"].split(":")[0] == fam)
-
-    a, b = pts(family_a), pts(family_b)
-    out = []
-    for t, acc in a:
-        if not b or t < b[0][0] or t > b[-1][0]:
-            continue
-        for (t0, a0), (t1, a1) in zip(b, b[1:]):
-            if t0 <= t <= t1:
-                other = a0 if t1 == t0 else a0 + (a1 - a0) * (t - t0) / (t1 - t0)
-                out.append({"tokens": t, f"{family_a}_accuracy": acc, f"{family_b}_accuracy": other, "gain": acc - other})
-                break
-        else:
-            if t == b[-1][0]:
-                out.append({"tokens": t, f"{family_a}_accuracy": acc, f"{family_b}_accuracy": b[-1][1], "gain": acc - b[-1][1]})
-    return out
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_outputs(out: Path, records: Sequence[dict], rows: Sequence[dict], *, plot: bool = True) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -330,12 +304,10 @@ def write_outputs(out: Path, records: Sequence[dict], rows: Sequence[dict], *, p
     atomic_write(out / "summary.json", json.dumps(rows, indent=2))
     atomic_write(out / "summary.md", markdown_table(rows))
     cols = ["policy", "n", "accuracy", "thinking_tokens", "probe_tokens", "net_tokens", "seconds"]
-    tmp = out / "curve.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(out / "curve.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(out / "curve.csv")
     written += [out / "records.jsonl", out / "summary.json", out / "summary.md", out / "curve.csv"]
     if plot:
         written.append(plot_curve(rows, out / "curve.png"))
@@ -361,8 +333,7 @@ def plot_curve(rows: Sequence[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

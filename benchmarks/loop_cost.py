@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edge.benchmarks.harness import atomic_write
+from edge.files import atomic_write
 from edge.benchmarks.overhead import OVERHEAD_CONTROLLERS, PROMPT, quiet_controllers
 
 

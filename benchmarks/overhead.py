@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge.benchmarks.harness import atomic_write
+from edge.files import atomic_write
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 OVERHEAD_CONTROLLERS = ("ThinkingBudget(max_thinking=1000000)", "EarlyExit(threshold=1.0, gate=1.0)")

@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edge.benchmarks.harness import atomic_write
+from edge.files import atomic_write
 
 from edge.control.early_exit import DEFAULT_INDUCER
 from edge.events import Stats

@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from edge.benchmarks.harness import atomic_write
+from edge.files import atomic_write
 
 FREE_PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",

@@ -8,7 +8,7 @@ The file is written in two passes over the checkpoint, never holding the model i
 first reads only the weight-file headers to declare every tensor (name, shape, type), the second
 streams each tensor in row chunks from the memory-mapped weights, converts it and appends it.
 
-Architectures are a small registry (:data:`ARCHITECTURES`). Two details matter for parity:
+Architectures are a small registry (:class:`ArchSpec` per name, :data:`SUPPORTED_ARCHITECTURES`). Two details matter for parity:
 
 * **Llama Q/K rows are permuted.** HF Llama applies RoPE "rotate-half" style: dimension ``i`` of
   a head is rotated together with dimension ``i + head_dim/2``. llama.cpp's ``llama`` graph uses

@@ -122,7 +122,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -130,13 +129,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edge.convert._files import temp_dir
 from edge.convert.hf import Checkpoint, resolve_source
 from edge.convert.onnx_quant import (
     BLOCK_SIZES, Calibration, Packed, QuantPlan, default_calibration_texts, default_plan, gptq, quantize_rtn,
 )
 from edge.convert.verify import Thresholds, VerifyReport
 from edge.errors import ConfigError, ConversionError, InvalidModelError, ModelNotFoundError, OutputExistsError
+from edge.files import atomic_dir, refuse_existing
 
 logger = logging.getLogger(__name__)
 
@@ -648,37 +647,13 @@ def _check_out_dir(out_dir: str | Path, *, force: bool) -> Path:
     path = Path(out_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise ConversionError(f"{path} is a file; give a folder name for the ONNX model")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force (force=True) to replace it")
+    refuse_existing(path, force=force, verb="replace")
     if path.is_dir() and any(path.iterdir()) and not ((path / MANIFEST).is_file() or (path / MODEL_FILE).is_file()):
         # --force replaces a previous export, never an unrelated folder full of files
         raise OutputExistsError(f"{path} is a non-empty folder that holds no ONNX export; give a new folder name")
     if not path.parent.is_dir():
         raise ConversionError(f"{path.parent}: no such directory for the output")
     return path
-
-
-@contextlib.contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
-    """A temporary folder next to ``out``, renamed to ``out`` only if the block succeeds (removed
-    otherwise, SIGTERM included; see :mod:`edge.convert._files`)."""
-    with temp_dir(out.parent, out.name) as tmp:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            old.rmdir()
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _token_meta(ckpt: Checkpoint) -> dict[str, Any]:
@@ -794,7 +769,7 @@ def to_onnx(
             logger.info("measuring GPTQ's input Hessians on the calibration texts")
             calibration = Calibration(folder, calibration_texts or default_calibration_texts(),
                                       lambda layer, role: plan.for_weight(role, layer).bits == 4)
-        with _atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp:
             logger.info("building the %s graph (%s weights)", shape.arch, weights)
             quantized = 0
             if weights == "int8" and int8_method == "dynamic":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edge.convert._files import atomic_output, check_output, temp_path
 from edge.convert.hf import Checkpoint, resolve_source
-from edge.convert.quantize import DIRECT_TYPES, _llama_cpp, normalize_quant, quantize_file
+from edge.convert.quantize import DIRECT_TYPES, _llama_cpp, check_output, normalize_quant, quantize_file
+from edge.files import atomic_output, temp_path
 
 logger = logging.getLogger(__name__)
 

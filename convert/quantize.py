@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edge.convert._files import atomic_output, check_output
 from edge.errors import ConversionError, ModelNotFoundError
+from edge.files import atomic_output, refuse_existing
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,18 @@ def quantize_file(src: Path, dst: Path, quant: str, *, nthread: int | None = Non
     for line in log:
         if "required fallback quantization" in line:
             logger.warning("llama.cpp: %s", line.split("WARNING:")[-1].strip())
+
+
+def check_output(out: str | Path, *, force: bool) -> Path:
+    """A GGUF output path, checked before any heavy work: a file name in a folder that exists,
+    and not an existing file unless ``force``."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ConversionError(f"{path} is a directory; give a file name such as {path / 'model.gguf'}")
+    refuse_existing(path, force=force)
+    if not path.parent.is_dir():
+        raise ConversionError(f"{path.parent}: no such directory for the output")
+    return path
 
 
 def quantize(src_gguf: str | Path, out_gguf: str | Path, quant: str, *, force: bool = False) -> Path:

@@ -47,6 +47,10 @@ class BackendError(EdgeError, RuntimeError):
     """The inference engine failed (decode error, out of memory, server error)."""
 
 
+class RuntimeClosedError(BackendError):
+    """The runtime was closed; its model is freed. Create a new :class:`~edge.runtime.Runtime`."""
+
+
 class ConversionError(EdgeError, ValueError):
     """A checkpoint cannot be converted (missing files, unsupported architecture, ...)."""
 

@@ -8,7 +8,9 @@
         reply = rt.ask("a = 3. b = a + 4. What is b?", params=SamplingParams(temperature=0))
         print(reply.answer, reply.reasoning, reply.stats.thinking_tokens)
 
-One runtime owns one backend; calls from several threads are serialised by a lock, and a
+One runtime owns one backend; calls from several threads are serialised by a lock (token-level
+calls too: :meth:`Runtime.tokenize`, :meth:`Runtime.token_pieces`, :meth:`Runtime.detokenize`
+wait for a running generation rather than touch the backend beside it), and a
 ``threading.Event`` passed as ``cancel`` stops a generation from another thread (checked
 before every token, and every few milliseconds while the call waits for the lock; the stream
 then ends with ``Done`` whose ``finish_reason`` is ``"cancelled"``).
@@ -39,7 +41,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from edge.backends.base import Backend
 from edge.control.base import Controller
-from edge.errors import BackendError
+from edge.errors import RuntimeClosedError
 from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta
 from edge.generate import PromptCache
 from edge.model_ref import ModelSpec
@@ -48,10 +50,6 @@ from edge.templates import ChatTemplate, TemplateLimits, thinking_open
 from edge.think import DEFAULT_TAGS, TagPair
 
 Messages = Sequence[Mapping[str, Any]]
-
-
-class RuntimeClosedError(BackendError):
-    """The runtime was closed; its model is freed. Create a new :class:`Runtime`."""
 
 
 class _LinkedCancel(threading.Event):
@@ -226,7 +224,8 @@ class Runtime:
     def closed(self) -> bool:
         return self._closed
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise :class:`RuntimeClosedError` if the runtime was closed."""
         if self._closed:
             raise RuntimeClosedError("this Runtime is closed (its model was freed); create a new Runtime to go on")
 
@@ -240,7 +239,7 @@ class Runtime:
         adds the instruction as system text and opens the think block in the assistant turn."""
         from edge.reasoning import reasoning_instruction, with_instruction
 
-        self._check_open()
+        self.check_open()
         instruction = self.reasoning_prompt if reasoning_prompt is _DEFAULT else reasoning_instruction(reasoning_prompt)
         if instruction and think:
             messages = with_instruction(messages, instruction)
@@ -252,21 +251,43 @@ class Runtime:
         return prompt
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
-        self._check_open()
-        bos = self.backend.bos_token
-        add_bos = bool(getattr(self.backend, "add_bos", False)) and not (bos and prompt.startswith(bos))
-        try:
-            return self.backend.tokenize(prompt, add_bos=add_bos, special=True)
-        except UnicodeEncodeError:
-            at = next((i for i, c in enumerate(prompt) if "\ud800" <= c <= "\udfff"), None)
-            if at is None:
-                raise
-            from edge.errors import PromptError
+        """The token ids of a prompt text, special tokens parsed, with the model's BOS token
+        when it wants one (and the text does not already start with it)."""
+        with self._lock:
+            self.check_open()
+            bos = self.backend.bos_token
+            add_bos = self.backend.add_bos and not (bos and prompt.startswith(bos))
+            try:
+                return self.backend.tokenize(prompt, add_bos=add_bos, special=True)
+            except UnicodeEncodeError:
+                at = next((i for i, c in enumerate(prompt) if "\ud800" <= c <= "\udfff"), None)
+                if at is None:
+                    raise
+                from edge.errors import PromptError
 
-            raise PromptError(
-                f"the prompt is not valid Unicode: it holds a lone surrogate ({prompt[at]!r}); "
-                "pass text, not half of a UTF-16 pair or undecoded bytes"
-            ) from None
+                raise PromptError(
+                    f"the prompt is not valid Unicode: it holds a lone surrogate ({prompt[at]!r}); "
+                    "pass text, not half of a UTF-16 pair or undecoded bytes"
+                ) from None
+
+    def tokenize(self, text: str, *, add_special: bool = False, special: bool = True) -> list[int]:
+        """The token ids of ``text`` as the backend tokenizes it (llama-server's ``/tokenize``):
+        ``add_special`` adds BOS when the model wants one, ``special`` parses special tokens."""
+        with self._lock:
+            self.check_open()
+            return self.backend.tokenize(text, add_bos=add_special and self.backend.add_bos, special=special)
+
+    def token_pieces(self, tokens: Sequence[int]) -> list[bytes]:
+        """The raw bytes of each token (a piece may hold part of a UTF-8 character)."""
+        with self._lock:
+            self.check_open()
+            return [self.backend.token_bytes(int(t)) for t in tokens]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens`` (bytes that are not UTF-8 become U+FFFD)."""
+        with self._lock:
+            self.check_open()
+            return self.backend.detokenize(tokens)
 
     # -- streaming -------------------------------------------------------------------------------
     def chat(
@@ -296,7 +317,7 @@ class Runtime:
         from edge.errors import PromptError
         from edge.generate import generate
 
-        self._check_open()
+        self.check_open()
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError("the prompt is empty")
@@ -313,12 +334,12 @@ class Runtime:
                 yield Done(Stats(finish_reason="cancelled", exit_reason="cancelled"))
                 return
             try:
-                self._check_open()
+                self.check_open()
                 if cancel is not None and cancel.is_set():  # cancelled before it started
                     yield Done(Stats(finish_reason="cancelled", exit_reason="cancelled"))
                     return
                 tokens = self.tokenize_prompt(text) if ids is None else ids
-                shown = text if ids is None else self._detokenize(ids)
+                shown = text if ids is None else self.backend.detokenize(ids)
                 yield from generate(
                     self.backend,
                     tokens,
@@ -357,12 +378,9 @@ class Runtime:
         if not ids:
             raise PromptError("the prompt is empty")
         with self._lock:
-            self._check_open()
+            self.check_open()
             logits, _ = prefill(self.backend, ids, self._prompt_cache)
             return list(top_logprobs(logits, max(1, top)))
-
-    def _detokenize(self, ids: Sequence[int]) -> str:
-        return b"".join(self.backend.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
 
     # -- async -------------------------------------------------------------------------------------
     async def achat(

@@ -13,7 +13,8 @@ step costs:
 - a step whose token is the next drafted one is served from the rows already computed: no model
   call;
 - any other step evaluates the token *and* a fresh draft in one batch
-  (:meth:`Backend.score`, every row's logits), keeps the rows, and returns the token's own.
+  (the backend's optional ``score``, as :meth:`edge.backends.llamacpp.LlamaCppBackend.score`:
+  every row's logits), keeps the rows, and returns the token's own.
 
 A drafted token is committed only if the sampler, run on its row exactly as it would be run
 without speculation, chooses that very token. For a deterministic draft this *is* the standard
@@ -179,6 +180,7 @@ class Speculator:
     eos_token_ids = property(lambda self: self.base.eos_token_ids)
     bos_token = property(lambda self: self.base.bos_token)
     eos_token = property(lambda self: self.base.eos_token)
+    add_bos = property(lambda self: self.base.add_bos)
     chat_template = property(lambda self: self.base.chat_template)
 
     @property
@@ -194,6 +196,9 @@ class Speculator:
 
     def token_bytes(self, token: int) -> bytes:
         return self.base.token_bytes(token)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.base.detokenize(tokens)
 
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
         """A plain evaluation (a probe, an injected text): the pending draft is dropped first."""

@@ -104,12 +104,3 @@ class ThinkParser:
             out[-1] = (kind, out[-1][1] + text)
         else:
             out.append((kind, text))
-
-
-def parse_all(text: str, tags: TagPair = DEFAULT_TAGS, *, start_in_thinking: bool = False) -> tuple[str, str]:
-    """Parse a complete text; return ``(thinking, answer)``."""
-    p = ThinkParser(tags, start_in_thinking=start_in_thinking)
-    pieces = p.feed(text) + p.finish()
-    thinking = "".join(t for k, t in pieces if k == THINKING)
-    answer = "".join(t for k, t in pieces if k == ANSWER)
-    return thinking, answer

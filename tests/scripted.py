@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edge.backends.base import BackendInfo
+from edge.backends.base import BackendBase, BackendInfo
 
 EOS = "<eos>"
 
 
-class ScriptedBackend:
+class ScriptedBackend(BackendBase):
     def __init__(
         self,
         script: Sequence[str],
@@ -72,7 +72,7 @@ class ScriptedBackend:
         return piece if isinstance(piece, bytes) else piece.encode()
 
     def text(self) -> str:
-        return b"".join(self.token_bytes(t) for t in self._tokens).decode("utf-8", errors="replace")
+        return self.detokenize(self._tokens)
 
     def _next(self) -> tuple[int, float]:
         n = sum(1 for t in self._tokens if self.script_base <= t < self.eos_id)

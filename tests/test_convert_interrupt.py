@@ -128,7 +128,7 @@ def test_part_files_of_killed_runs_are_removed_by_the_next_run(big_f32, tmp_path
 
 
 def test_stale_part_folders_of_onnx_exports_are_removed_too(tmp_path):
-    from edge.convert._files import remove_stale_parts, temp_dir
+    from edge.files import remove_stale_parts, temp_dir
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     stale = tmp_path / f".model-onnx.{dead}-abc.part"

@@ -249,6 +249,52 @@ def test_use_after_close_raises_a_clear_error():
         asyncio.run(go())
 
 
+def test_token_methods_hold_the_runtime_lock_and_check_it_is_open():
+    """What the server's /tokenize, /detokenize and prompt preparation call reaches the backend
+    only while the runtime lock is held (another thread cannot take it meanwhile), so it never
+    runs beside a generation; after close each raises RuntimeClosedError."""
+    held: dict[str, list[bool]] = {}
+
+    def lock_held_elsewhere() -> bool:
+        free = []
+
+        def probe():
+            ok = rt._lock.acquire(blocking=False)
+            if ok:
+                rt._lock.release()
+            free.append(ok)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        return not free[0]
+
+    class Probe(ScriptedBackend):
+        def tokenize(self, text, **kw):
+            held.setdefault("tokenize", []).append(lock_held_elsewhere())
+            return super().tokenize(text, **kw)
+
+        def token_bytes(self, token):
+            held.setdefault("token_bytes", []).append(lock_held_elsewhere())
+            return super().token_bytes(token)
+
+    rt = Runtime(backend=Probe(SCRIPT, ANSWER, chat_template=THINK_TEMPLATE))
+    calls = {
+        "tokenize": lambda: rt.tokenize("Q?", add_special=True),
+        "tokenize_prompt": lambda: rt.tokenize_prompt("Q?"),
+        "token_pieces": lambda: rt.token_pieces([0, 1]),
+        "detokenize": lambda: rt.detokenize([0, 1]),
+    }
+    out = {name: call() for name, call in calls.items()}
+    assert out["tokenize"] == out["tokenize_prompt"] == rt.backend.tokenize("Q?")
+    assert b"".join(out["token_pieces"]).decode() == out["detokenize"] == rt.backend.detokenize([0, 1])
+    assert held["tokenize"][:2] == [True, True] and held["token_bytes"][:4] == [True] * 4
+    rt.close()
+    for name, call in calls.items():
+        with pytest.raises(RuntimeClosedError):
+            call()
+
+
 def test_a_stream_made_before_close_fails_cleanly():
     rt = Runtime(backend=ScriptedBackend(SCRIPT, ANSWER, chat_template=THINK_TEMPLATE))
     events = rt.chat(MSGS, GREEDY)  # not started yet

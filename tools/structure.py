@@ -122,7 +122,7 @@ def main() -> None:
         if n > args.over:
             big.append((n, rel))
         graph[mod] = imports(tree, mod, path.name == "__init__.py", known)
-    print(f"longest functions (lines):")
+    print("longest functions (lines):")
     for n, where in sorted(funcs, reverse=True)[: args.top]:
         print(f"  {n:4d}  {where}")
     print(f"files over {args.over} lines:")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from edge.benchmarks.bench.schema import load_records
+from edge.files import atomic_output, atomic_write
 
 __all__ = ["load_records", "markdown", "write_report", "throughput_rows", "overhead_rows", "reasoning_rows", "device_rows"]
 
@@ -188,10 +189,9 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
     _plt().close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -316,9 +316,7 @@ def write_report(records: Sequence[dict[str, Any]], out: Path, *, plots: bool = 
             if p is not None:
                 written.append(p)
                 text += f"\n![{p.stem}]({p.name})\n"
-    tmp = md.with_name(".report.md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(md)
+    atomic_write(md, text)
     return [md, *written]
 
 

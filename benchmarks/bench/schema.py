@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from edge.errors import ConfigError, OutputExistsError
+from edge.errors import ConfigError
+from edge.files import atomic_write, refuse_existing
 
 SCHEMA_VERSION = 1
 KIND = "edge-reason-bench"
@@ -212,25 +212,14 @@ def validate(record: Any, *, source: str = "record") -> None:
 # -- files -----------------------------------------------------------------------------------------
 
 def write_record(record: dict[str, Any], path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Validate ``record`` and write it to ``path`` atomically (a temporary file in the same
-    folder, flushed, then renamed over the target), so a reader never sees half a record."""
+    """Validate ``record`` and write it to ``path`` atomically (:func:`edge.files.atomic_write`:
+    a temporary file in the same folder, flushed, then renamed over the target), so a reader
+    never sees half a record; an existing ``path`` is refused unless ``force``."""
     path = Path(path)
     validate(record, source=str(path))
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it or choose another --out")
+    path = refuse_existing(path, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
 
 
 def check_output_path(path: str | os.PathLike, *, force: bool = False) -> Path:
@@ -238,9 +227,7 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False) -> Path:
     path = Path(path)
     if path.is_dir():
         raise RecordError(f"--out {path} is a folder; give a file name such as {path / 'run.json'}")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it or choose another --out")
-    return path
+    return refuse_existing(path, force=force)
 
 
 def load_record(path: str | os.PathLike) -> dict[str, Any]:

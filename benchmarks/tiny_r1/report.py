@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edge.benchmarks import harness
 from edge.benchmarks.tasks import load_task
+from edge.files import atomic_write
 from edge.params import SamplingParams
 
 HERE = Path(__file__).resolve().parent
@@ -61,10 +62,10 @@ def main(argv=None) -> int:
     rows = level_table(records)
     overall = harness.summarize(records)
     a.out.mkdir(parents=True, exist_ok=True)
-    harness.atomic_write(a.out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    harness.atomic_write(a.out / "levels.json", json.dumps({"model": model, "levels": rows, "overall": overall}, indent=2))
+    atomic_write(a.out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write(a.out / "levels.json", json.dumps({"model": model, "levels": rows, "overall": overall}, indent=2))
     md = harness.markdown_table(rows) + "\n" + harness.markdown_table(overall)
-    harness.atomic_write(a.out / "levels.md", md)
+    atomic_write(a.out / "levels.md", md)
     print(md)
     return 0
 

@@ -24,12 +24,12 @@ from typing import Sequence
 
 import numpy as np
 
-from edge.backends.base import BackendInfo
+from edge.backends.base import BackendBase, BackendInfo, token_text
 from edge.backends.context import check_context
 from edge.backends.cpu import check_threads, default_threads
 from edge.backends.devices import LLAMACPP_DEVICES
 from edge.backends.gguf_meta import read_metadata, trained_context
-from edge.errors import BackendError, ConfigError, ContextLengthError, InvalidModelError, ModelNotFoundError
+from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,6 @@ def _llama_cpp():
         raise BackendError("llama-cpp-python is not installed: pip install llama-cpp-python") from exc
     _install_log_callback(llama_cpp)
     return llama_cpp
-
-
-def n_ctx_train(path: str | os.PathLike) -> int:
-    """The context length the model was trained with, read from the GGUF header; 0 when unknown."""
-    return trained_context(read_metadata(path))
 
 
 def check_gguf_file(path: str | os.PathLike) -> Path:
@@ -161,7 +156,7 @@ def _logits_address_function(llama_cpp):
     return lambda ctx, i: ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, i), ctypes.c_void_p).value
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(BackendBase):
     """One llama.cpp model + context holding one sequence."""
 
     def __init__(
@@ -263,22 +258,6 @@ class LlamaCppBackend:
 
     # -- properties --------------------------------------------------------------------------
     @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def n_vocab(self) -> int:
-        return self._n_vocab
-
-    @property
-    def n_past(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def tokens(self) -> Sequence[int]:
-        return tuple(self._tokens)
-
-    @property
     def eos_token_ids(self) -> frozenset[int]:
         if self._eog is None:
             is_eog = self._lib.llama_vocab_is_eog
@@ -287,7 +266,7 @@ class LlamaCppBackend:
 
     def _token_text(self, key: str) -> str:
         tid = self._meta.get(f"tokenizer.ggml.{key}_token_id")
-        return self.token_bytes(int(tid)).decode("utf-8", errors="replace") if tid is not None else ""
+        return token_text(self.token_bytes(int(tid))) if tid is not None else ""
 
     @property
     def bos_token(self) -> str:
@@ -305,10 +284,6 @@ class LlamaCppBackend:
     def chat_template(self) -> str | None:
         return self._meta.get("tokenizer.chat_template")
 
-    @property
-    def metadata(self) -> dict[str, str]:
-        return dict(self._meta)
-
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
         self._check_open()
@@ -316,18 +291,14 @@ class LlamaCppBackend:
             return []
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
-    def token_bytes(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            self._check_open()
-            buf = ctypes.create_string_buffer(64)
+    def _piece(self, token: int) -> bytes:
+        self._check_open()
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
             n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-            piece = buf.raw[:n]
-            self._pieces[token] = piece
-        return piece
+        return buf.raw[:n]
 
     # -- decoding ------------------------------------------------------------------------------
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
@@ -351,11 +322,7 @@ class LlamaCppBackend:
         tokens = list(tokens)
         if not tokens:
             raise BackendError("eval needs at least one token")
-        if len(self._tokens) + len(tokens) > self.n_ctx:
-            raise ContextLengthError(
-                f"{len(self._tokens) + len(tokens)} tokens do not fit the context of {self.n_ctx}; "
-                "use a larger --ctx or a shorter prompt"
-            )
+        self._check_room(len(tokens))
         batch = self._batch
         for i in range(0, len(tokens), self._n_batch):
             chunk = tokens[i : i + self._n_batch]
@@ -379,11 +346,7 @@ class LlamaCppBackend:
         n = len(tokens)
         if not tokens:
             raise BackendError("score needs at least one token")
-        if len(self._tokens) + n > self.n_ctx:
-            raise ContextLengthError(
-                f"{len(self._tokens) + n} tokens do not fit the context of {self.n_ctx}; "
-                "use a larger --ctx or a shorter prompt"
-            )
+        self._check_room(n)
         if n > self._n_batch:  # longer than one batch: chunk by chunk (not a speculative draft)
             return np.concatenate([self.score(tokens[i : i + self._n_batch]) for i in range(0, n, self._n_batch)])
         batch, n_past = self._batch, len(self._tokens)
@@ -424,9 +387,7 @@ class LlamaCppBackend:
 
     def rollback(self, n_past: int) -> None:
         self._check_open()
-        if not 0 <= n_past <= len(self._tokens):
-            raise BackendError(f"cannot roll back to {n_past}: the cache holds {len(self._tokens)} tokens")
-        if n_past == len(self._tokens):
+        if not self._check_rollback(n_past):
             return
         if not self._lib.llama_memory_seq_rm(self._mem, 0, n_past, -1):
             raise BackendError("llama.cpp refused to truncate the KV cache (recurrent model?)")
@@ -460,9 +421,3 @@ class LlamaCppBackend:
     def _check_open(self) -> None:
         if self._llm is None:
             raise BackendError("the backend is closed")
-
-    def __enter__(self) -> "LlamaCppBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -31,11 +31,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edge.backends.base import BackendInfo
+from edge.backends.base import BackendBase, BackendInfo
 from edge.backends.context import check_trained_length
 from edge.backends.cpu import check_threads, default_threads
 from edge.backends.devices import ONNX_DEVICES, ONNX_PROVIDERS
-from edge.errors import BackendError, ConfigError, ContextLengthError, InvalidModelError, ModelNotFoundError
+from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class OnnxBackend:
+class OnnxBackend(BackendBase):
     """One ONNX Runtime session holding one sequence (its KV cache as OrtValues)."""
 
     def __init__(
@@ -338,22 +338,6 @@ class OnnxBackend:
 
     # -- properties --------------------------------------------------------------------------
     @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def n_vocab(self) -> int:
-        return self._n_vocab
-
-    @property
-    def n_past(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def tokens(self) -> Sequence[int]:
-        return tuple(self._tokens)
-
-    @property
     def eos_token_ids(self) -> frozenset[int]:
         return frozenset(self._meta["eos_token_ids"])
 
@@ -373,10 +357,6 @@ class OnnxBackend:
     def chat_template(self) -> str | None:
         return self._meta["chat_template"]
 
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return dict(self._manifest)
-
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
         self._check_open()
@@ -390,14 +370,8 @@ class OnnxBackend:
         bos = self._meta["bos_token_id"]
         return [bos, *ids] if add_bos and bos is not None else ids
 
-    def token_bytes(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            piece = self._piece(int(token))
-            self._pieces[token] = piece
-        return piece
-
     def _piece(self, token: int) -> bytes:
+        token = int(token)
         if token in self._added:
             return self._added[token].encode("utf-8")
         text = self._tok.id_to_token(token)
@@ -434,12 +408,6 @@ class OnnxBackend:
         logits = outs[0].numpy()[0]
         return logits[-keep:] if keep else logits
 
-    def _check_room(self, n: int) -> None:
-        if len(self._tokens) + n > self._n_ctx:
-            raise ContextLengthError(
-                f"{len(self._tokens) + n} tokens do not fit the context of {self._n_ctx}; use a larger --ctx or a shorter prompt"
-            )
-
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
         self._check_open()
         tokens = [int(t) for t in tokens]
@@ -463,9 +431,7 @@ class OnnxBackend:
 
     def rollback(self, n_past: int) -> None:
         self._check_open()
-        if not 0 <= n_past <= len(self._tokens):
-            raise BackendError(f"cannot roll back to {n_past}: the cache holds {len(self._tokens)} tokens")
-        if n_past == len(self._tokens):
+        if not self._check_rollback(n_past):
             return
         # [1, kv_heads, n, head_dim] slices are strided; one contiguous copy per rollback.
         self._kv = [self._ortvalue(v.numpy()[:, :, :n_past]) for v in self._kv]
@@ -480,9 +446,3 @@ class OnnxBackend:
     def _check_open(self) -> None:
         if self._sess is None:
             raise BackendError("the backend is closed")
-
-    def __enter__(self) -> "OnnxBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

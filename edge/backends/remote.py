@@ -58,7 +58,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from edge.backends.base import BackendInfo
+from edge.backends.base import BackendBase, BackendInfo
 from edge.errors import BackendError, ConfigError, ContextLengthError
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,10 @@ def _token_key(token: str) -> int | str:
     return token
 
 
-class RemoteBackend:
+class RemoteBackend(BackendBase):
     """One sequence held client-side, scored by a remote OpenAI-compatible server."""
+
+    _too_long_hint = "use a shorter prompt or a server with a larger context"
 
     def __init__(
         self,
@@ -336,22 +338,6 @@ class RemoteBackend:
 
     # -- properties --------------------------------------------------------------------------
     @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def n_vocab(self) -> int:
-        return self._n_vocab
-
-    @property
-    def n_past(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def tokens(self) -> Sequence[int]:
-        return tuple(self._tokens)
-
-    @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eog
 
@@ -390,19 +376,13 @@ class RemoteBackend:
                 ids.append(int(t))
         return ids
 
-    def token_bytes(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            if self._tokenizer is not None:
-                piece = self._tokenizer.token_bytes(token)
-            else:
-                out = self._post("/detokenize", {"tokens": [int(token)], "with_pieces": True})
-                pieces = out.get("pieces")
-                piece = _piece_bytes(pieces[0].get("piece")) if isinstance(pieces, list) and pieces else None
-                if piece is None:
-                    piece = str(out.get("content", "")).encode("utf-8")
-            self._pieces[token] = piece
-        return piece
+    def _piece(self, token: int) -> bytes:
+        if self._tokenizer is not None:
+            return self._tokenizer.token_bytes(token)
+        out = self._post("/detokenize", {"tokens": [int(token)], "with_pieces": True})
+        pieces = out.get("pieces")
+        piece = _piece_bytes(pieces[0].get("piece")) if isinstance(pieces, list) and pieces else None
+        return piece if piece is not None else str(out.get("content", "")).encode("utf-8")
 
     def _id_of(self, key: int | str) -> int | None:
         """A token id from a logprobs entry: the id itself, or its text tokenized (one token)."""
@@ -418,9 +398,8 @@ class RemoteBackend:
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise BackendError("eval needs at least one token")
+        self._check_room(len(tokens))
         seq = self._tokens + tokens
-        if len(seq) > self._n_ctx:
-            raise ContextLengthError(f"{len(seq)} tokens do not fit the context of {self._n_ctx}; use a shorter prompt or a server with a larger context")
         body = {
             "prompt": seq,
             "max_tokens": 1,
@@ -463,19 +442,12 @@ class RemoteBackend:
         return logits
 
     def rollback(self, n_past: int) -> None:
-        if not 0 <= n_past <= len(self._tokens):
-            raise BackendError(f"cannot roll back to {n_past}: the sequence holds {len(self._tokens)} tokens")
-        del self._tokens[n_past:]
+        if self._check_rollback(n_past):
+            del self._tokens[n_past:]
 
     def close(self) -> None:
         self._drop_connection()
         self._closed = True
-
-    def __enter__(self) -> "RemoteBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _reason(exc: BaseException) -> str:

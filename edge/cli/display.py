@@ -25,7 +25,6 @@ class StreamPrinter:
         self.err = err or sys.stderr
         self.dim = self.err.isatty()
         self.in_thinking = False
-        self.summary_shown = False
         self.answer_started = False
         self.thinking_tokens = 0
         self._err_open = self._out_open = False  # a line begun and not ended

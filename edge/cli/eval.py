@@ -48,6 +48,7 @@ def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, po
     from edge.benchmarks.tasks import load_task, task_spec
     from edge.control.budget import LengthPredictor
     from edge.errors import ConfigError
+    from edge.files import atomic_write
 
     pols = [p for spec in policies for p in harness.parse_policies(spec)]
     spec = task_spec(task, data, question=question_field, answer=answer_field, scorer=scorer, suffix=prompt_suffix)
@@ -76,7 +77,7 @@ def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, po
             click.echo(f"  budget = {predictor.intercept:.1f} + {predictor.slope:.3f} * prompt_tokens", err=True)
             if out is not None:
                 out.mkdir(parents=True, exist_ok=True)
-                harness.atomic_write(out / "calibration.json", json.dumps(predictor.to_dict(), indent=2))
+                atomic_write(out / "calibration.json", json.dumps(predictor.to_dict(), indent=2))
 
         def progress(i, total, rec):
             mark = "ok" if rec["correct"] else "x "
@@ -94,5 +95,5 @@ def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, po
         for p in harness.write_outputs(out, records, rows, plot=not no_plot):
             click.echo(f"wrote {p}", err=True)
         settings.update(n=len(items), policies=[p.name for p in pols])
-        harness.atomic_write(out / "settings.json", json.dumps(settings, indent=2, default=str))
+        atomic_write(out / "settings.json", json.dumps(settings, indent=2, default=str))
         click.echo(f"wrote {out / 'settings.json'}", err=True)

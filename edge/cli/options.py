@@ -8,7 +8,6 @@ default, so an option is declared once, with the value it sets."""
 
 from __future__ import annotations
 
-import functools
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -87,10 +86,3 @@ def open_runtime(kw: dict[str, Any], **runtime: Any):
 
     return Runtime(spec, **runtime)
 
-
-def passthrough(f: Callable) -> Callable:
-    @functools.wraps(f)
-    def wrapper(**kw: Any) -> Any:
-        return f(**kw)
-
-    return wrapper

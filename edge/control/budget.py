@@ -81,11 +81,9 @@ class ThinkingBudget(Controller):
         if self.max_thinking is not None and self.min_thinking > self.max_thinking:
             raise ConfigError(f"min_thinking ({self.min_thinking}) is above max_thinking ({self.max_thinking})")
         self.waits = 0
-        self.forced = False
 
     def start(self, gen) -> None:
         self.waits = 0
-        self.forced = False
         self._answer_start = None
         self._step_end = 0  # thinking tokens at the last paragraph break
         self._budget: int | None | object = _UNSET  # budget_for(gen), asked once per run
@@ -132,7 +130,6 @@ class ThinkingBudget(Controller):
         if budget is not None and gen.thinking_tokens >= budget:
             # at the cap even a natural close is injected (an injected tag is not a thinking token)
             natural = closing and not eos
-            self.forced = not natural
             if not natural and self.cut == "step" and 0 < self._step_end <= gen.thinking_tokens:
                 # the unfinished step since the last paragraph break (none when the cap lands
                 # exactly on the break) is rolled back; thinking closes at a finished step
@@ -152,7 +149,6 @@ class ThinkingBudget(Controller):
             )
         if eos:
             # the model stopped without closing its thinking: make it answer
-            self.forced = True
             return Action("thinking_unclosed", text=self._end_text(gen), retract=gen.pending_tokens, detail={"thinking_tokens": gen.thinking_tokens})
         return None
 

@@ -6,7 +6,11 @@ follows the DeepSeek API convention (``reasoning_content`` beside ``content``). 
 
 - :mod:`~edge.server.protocol` - request bodies -> one validated request object;
 - :mod:`~edge.server.wire` - events -> OpenAI JSON / server-sent events;
-- :mod:`~edge.server.app` - routes, API key, admission queue, cancellation;
+- :mod:`~edge.server.app` - the generation routes, API key, admission queue, cancellation;
+- :mod:`~edge.server.llama_server` - ``/health``, ``/props``, ``/tokenize``, ``/detokenize``
+  in llama-server's shapes;
+- :mod:`~edge.server.errors` - the one table from exceptions to HTTP errors;
+- :mod:`~edge.server.body` - request bodies read within size and time limits;
 - :mod:`~edge.server.config` - settings, loopback check, exposure warning;
 - :mod:`~edge.server.run` - uvicorn, blocking or on a background thread.
 

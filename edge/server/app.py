@@ -3,10 +3,11 @@
 Routes
 - ``POST /v1/chat/completions``, ``POST /v1/completions`` (stream and non-stream);
 - ``GET /v1/models`` (with llama-server style ``meta``: ``n_vocab``, ``n_ctx``);
-- ``GET /health`` (no key needed: liveness and queue depth);
-- for :class:`edge.backends.remote.RemoteBackend` (llama-server compatible shapes):
-  ``GET /props`` (chat template, special tokens, context size), ``POST /tokenize``,
-  ``POST /detokenize`` (``with_pieces`` gives byte-exact pieces).
+- ``GET /health``, ``GET /props``, ``POST /tokenize``, ``POST /detokenize`` in llama-server's
+  shapes: :mod:`edge.server.llama_server`.
+
+Every route answers an error through one table, :mod:`edge.server.errors` (exception type ->
+status, OpenAI error type, code, param); request bodies are read by :mod:`edge.server.body`.
 
 One model, one generation at a time. A request is admitted while fewer than
 ``1 + max_queue`` are running or waiting, else refused at once with 503 and ``Retry-After``.
@@ -31,7 +32,6 @@ applies reasoning control itself.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -45,112 +45,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edge.errors import BackendError, ChatTemplateError, ConfigError, ContextLengthError, EdgeError, PromptError
+from edge.backends.base import token_text
+from edge.errors import BackendError, ContextLengthError, EdgeError
 from edge.events import ControlEvent, Done, Event
+from edge.server.body import read_json
 from edge.server.config import ServerConfig, key_matches
+from edge.server.errors import domain_error, error_response
+from edge.server.llama_server import LlamaServerRoutes, check_ids, meta
 from edge.server.logprobs import LogprobRecorder
-from edge.server.protocol import ApiError, GenerationRequest, bad, bool_field, parse_chat, parse_completion, text_field, token_list
+from edge.server.protocol import ApiError, GenerationRequest, parse_chat, parse_completion
 from edge.server.wire import CONTENT, SSE_DONE, Envelope, Logprobs, Translator, finish_reason, merge, sse
 
 log = logging.getLogger("edge.server")
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-def domain_error(exc: EdgeError) -> ApiError:
-    """Errors a request can cause in the library, as HTTP errors."""
-    from edge.runtime import RuntimeClosedError
-
-    if isinstance(exc, RuntimeClosedError):
-        return ApiError(503, str(exc), type="server_error", code="model_closed")
-    if isinstance(exc, ChatTemplateError):  # the server's template failed on this request
-        return ApiError(500, str(exc), type="server_error", code="chat_template_error")
-    if isinstance(exc, ContextLengthError):
-        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
-    if isinstance(exc, PromptError):
-        return ApiError(400, str(exc), param="messages", code="invalid_prompt")
-    if isinstance(exc, ConfigError):
-        return ApiError(400, str(exc), code="invalid_value")
-    if isinstance(exc, BackendError):
-        return ApiError(500, f"the inference engine failed: {exc}", type="server_error", code="backend_error")
-    return ApiError(400, str(exc))
-
-
-async def read_json(request: Request, limit: int, timeout: float | None = None) -> Any:
-    """The request body as JSON, refusing bodies above ``limit`` bytes (413), bodies that have
-    not all arrived ``timeout`` seconds after the headers (408, and the connection is closed:
-    the rest may still come) and bad JSON (400)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise bad(None, "the Content-Length header is not a number", "invalid_request") from None
-        if size > limit:
-            raise ApiError(413, f"the request body is {size} bytes; this server accepts at most {limit}", code="request_too_large")
-
-    async def receive() -> bytearray:
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise ApiError(413, f"the request body is over {limit} bytes, the most this server accepts", code="request_too_large")
-        return data
-
-    try:
-        data = await asyncio.wait_for(receive(), timeout)
-    except asyncio.TimeoutError:
-        expected = f" of the {declared} announced" if declared is not None else ""
-        raise ApiError(
-            408,
-            f"the request body did not arrive within {timeout:g} s{expected}; send the whole body at once",
-            code="request_timeout",
-            headers={"Connection": "close"},
-        ) from None
-    if not data.strip():
-        raise bad(None, "the request body is empty; send a JSON object", "invalid_json")
-    try:
-        body = json.loads(bytes(data))
-    except (ValueError, RecursionError) as exc:
-        raise bad(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
-    if b"\\u" in data or b"\xed" in data:  # how a lone surrogate gets in: an escape or CESU-8 bytes
-        where = lone_surrogate(body)
-        if where is not None:
-            raise bad(where or None, f"{repr(where) if where else 'the body'} holds a lone UTF-16 surrogate, which is not text; "
-                      "send valid Unicode (a character beyond U+FFFF is one escape pair, e.g. \\ud83d\\ude00)", "invalid_unicode")
-    return body
-
-
-def lone_surrogate(value: Any) -> str | None:
-    """The path of the first string (or key) in a JSON value that holds a lone surrogate
-    (``messages[0].content``; ``""`` for the value itself), else None."""
-    stack: list[tuple[Any, str]] = [(value, "")]
-    while stack:
-        v, path = stack.pop()
-        if isinstance(v, str):
-            if not _is_text(v):
-                return path
-        elif isinstance(v, dict):
-            for k, item in reversed(v.items()):
-                name = k if _is_text(k) else k.encode("utf-8", "backslashreplace").decode("ascii")
-                if name is not k:
-                    return f"{path}.{name}" if path else name
-                stack.append((item, f"{path}.{k}" if path else k))
-        elif isinstance(v, list):
-            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(v))))
-    return None
-
-
-def _is_text(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _EventStream(StreamingResponse):
@@ -173,7 +81,7 @@ class EdgeServer:
     def __init__(self, runtime, config: ServerConfig | None = None) -> None:
         self.runtime = runtime
         self.config = config or ServerConfig()
-        path = getattr(runtime.backend.info, "model_path", "") or "model"
+        path = runtime.backend.info.model_path or "model"
         self.model_id = self.config.model_id or Path(path).name.removesuffix(".gguf") or "model"
         self.created = int(time.time())
         self.admitted = 0  # running + waiting
@@ -184,11 +92,8 @@ class EdgeServer:
         self.template_limits = self.config.template_limits(runtime.template_limits)
         self.app = Starlette(
             routes=[
-                Route("/health", self._endpoint(self.health, auth=False), methods=["GET"]),
+                *LlamaServerRoutes(self).routes(self._endpoint),
                 Route("/v1/models", self._endpoint(self.models), methods=["GET"]),
-                Route("/props", self._endpoint(self.props), methods=["GET"]),
-                Route("/tokenize", self._endpoint(self.tokenize), methods=["POST"]),
-                Route("/detokenize", self._endpoint(self.detokenize), methods=["POST"]),
                 Route("/v1/chat/completions", self._endpoint(self.chat_completions), methods=["POST"]),
                 Route("/v1/completions", self._endpoint(self.completions), methods=["POST"]),
             ],
@@ -214,7 +119,8 @@ class EdgeServer:
 
         return handle
 
-    async def _read_json(self, request: Request) -> Any:
+    async def read_json(self, request: Request) -> Any:
+        """The request's JSON body, within this server's size and time limits."""
         return await read_json(request, self.config.max_body_bytes, self.config.body_timeout_s)
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
@@ -225,7 +131,7 @@ class EdgeServer:
 
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         log.error("internal error on %s", request.url.path, exc_info=exc)
-        return error_response(ApiError(500, "internal server error (see the server log)", type="server_error", code="internal_error"))
+        return error_response(domain_error(exc))
 
     def _admit(self) -> Callable[[], None]:
         """Take a place in the queue or refuse (503 + Retry-After); returns the release."""
@@ -258,86 +164,16 @@ class EdgeServer:
                 return
 
     # -- info routes -------------------------------------------------------------------------------
-    async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.model_id, "running": self.running, "queued": max(0, self.admitted - self.running)})
-
-    def _meta(self) -> dict[str, Any]:
-        b = self.runtime.backend
-        return {"n_vocab": int(b.n_vocab), "n_ctx": int(b.n_ctx), "backend": b.info.name, "device": b.info.device}
-
     async def models(self, request: Request) -> Response:
-        card = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "edge-reason", "meta": self._meta()}
+        card = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "edge-reason", "meta": meta(self.runtime)}
         return JSONResponse({"object": "list", "data": [card]})
-
-    async def props(self, request: Request) -> Response:
-        rt, b = self.runtime, self.runtime.backend
-        return JSONResponse(
-            {
-                "model_alias": self.model_id,
-                "model_path": b.info.model_path,
-                "chat_template": rt.template.source,
-                "bos_token": b.bos_token,
-                "eos_token": b.eos_token,
-                "total_slots": 1,
-                "default_generation_settings": {"n_ctx": int(b.n_ctx)},
-                "edge": {
-                    **self._meta(),
-                    "eos_token_ids": sorted(int(t) for t in b.eos_token_ids),
-                    "add_bos": bool(getattr(b, "add_bos", False)),
-                    "think_tags": [rt.tags.open, rt.tags.close],
-                    "max_tokens_limit": self.config.max_tokens_limit,
-                },
-            }
-        )
-
-    @staticmethod
-    def _piece(raw: bytes) -> str | list[int]:
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return list(raw)
-
-    async def tokenize(self, request: Request) -> Response:
-        body = await self._read_json(request)
-        if not isinstance(body, dict):
-            raise bad(None, "the request body must be a JSON object", "invalid_type")
-        text = text_field(body, "content")
-        add_special = bool_field(body, "add_special", False)
-        parse_special = bool_field(body, "parse_special", True)
-        with_pieces = bool_field(body, "with_pieces", False)
-        b = self.runtime.backend
-        self.runtime._check_open()
-        ids = await run_in_threadpool(b.tokenize, text, add_bos=add_special and bool(getattr(b, "add_bos", False)), special=parse_special)
-        if with_pieces:
-            return JSONResponse({"tokens": [{"id": t, "piece": self._piece(b.token_bytes(t))} for t in ids]})
-        return JSONResponse({"tokens": ids})
-
-    async def detokenize(self, request: Request) -> Response:
-        body = await self._read_json(request)
-        if not isinstance(body, dict):
-            raise bad(None, "the request body must be a JSON object", "invalid_type")
-        ids = token_list(body)
-        self._check_ids(ids, "tokens")
-        b = self.runtime.backend
-        self.runtime._check_open()
-        raws = [b.token_bytes(t) for t in ids]
-        out: dict[str, Any] = {"content": b"".join(raws).decode("utf-8", errors="replace")}
-        if bool_field(body, "with_pieces", False):
-            out["pieces"] = [{"id": t, "piece": self._piece(r)} for t, r in zip(ids, raws)]
-        return JSONResponse(out)
-
-    def _check_ids(self, ids: list[int], param: str) -> None:
-        n = self.runtime.backend.n_vocab
-        badid = next((t for t in ids if t >= n), None)
-        if badid is not None:
-            raise bad(param, f"token id {badid} is outside the vocabulary of {n} tokens")
 
     # -- generation --------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, parse_chat(await self._read_json(request), self.config.limits))
+        return await self._generate(request, parse_chat(await self.read_json(request), self.config.limits))
 
     async def completions(self, request: Request) -> Response:
-        return await self._generate(request, parse_completion(await self._read_json(request), self.config.limits))
+        return await self._generate(request, parse_completion(await self.read_json(request), self.config.limits))
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         """Render (within the template budget) and tokenize the prompt now, so a bad one is an
@@ -350,15 +186,11 @@ class EdgeServer:
             ids = rt.tokenize_prompt(req.prompt)
         else:
             ids = list(req.prompt)
-            self._check_ids(ids, "prompt")
+            check_ids(ids, rt.backend.n_vocab, "prompt")
         n_ctx = rt.backend.n_ctx
         if len(ids) >= n_ctx:
-            raise ApiError(
-                400,
-                f"the prompt is {len(ids)} tokens but the context holds {n_ctx}; shorten it",
-                param="messages" if req.kind == "chat" else "prompt",
-                code="context_length_exceeded",
-            )
+            overflow = ContextLengthError(f"the prompt is {len(ids)} tokens but the context holds {n_ctx}; shorten it")
+            raise domain_error(overflow, param="messages" if req.kind == "chat" else "prompt")
         return ids
 
     async def _generate(self, request: Request, req: GenerationRequest) -> Response:
@@ -394,21 +226,23 @@ class EdgeServer:
         from edge.events import Stats
 
         rt = self.runtime
+
+        def score() -> tuple[list[tuple[int, float]], list[bytes]]:
+            top = rt.next_token_logprobs(ids, req.logprobs)
+            return top, rt.token_pieces([t for t, _ in top])
+
         async with self._turn:
             self.running += 1
             try:
                 t0 = time.perf_counter()
-                top = await run_in_threadpool(rt.next_token_logprobs, ids, req.logprobs)
+                top, pieces = await run_in_threadpool(score)
                 seconds = time.perf_counter() - t0
             finally:
                 self.running -= 1
         token, logprob = top[0]
         eos = token in rt.backend.eos_token_ids
-
-        def text(t: int) -> str:
-            return rt.backend.token_bytes(t).decode("utf-8", errors="replace")
-
-        entry = {"token": token, "text": text(token), "logprob": logprob, "top": [{"token": t, "text": text(t), "logprob": lp} for t, lp in top]}
+        texts = [token_text(p) for p in pieces]
+        entry = {"token": token, "text": texts[0], "logprob": logprob, "top": [{"token": t, "text": x, "logprob": lp} for (t, lp), x in zip(top, texts)]}
         stats = Stats(prompt_tokens=len(ids), answer_tokens=0 if eos else 1, prefill_seconds=seconds, total_seconds=seconds)
         stats.finish_reason, stats.exit_reason = ("stop", "eos") if eos else ("length", "length")
         self._finished(stats)

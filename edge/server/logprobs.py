@@ -11,6 +11,7 @@ the remote backend (:mod:`edge.backends.remote`) reads the next-token distributi
 
 from __future__ import annotations
 
+from edge.backends.base import token_text
 from edge.control.base import Controller
 
 
@@ -22,7 +23,7 @@ class LogprobRecorder(Controller):
         backend = gen.backend
 
         def text(t: int) -> str:
-            return backend.token_bytes(t).decode("utf-8", errors="replace")
+            return token_text(backend.token_bytes(t))
 
         gen.emit(
             "logprobs",

@@ -1,12 +1,17 @@
-"""Output files that appear whole or not at all.
+"""Output files that appear whole or not at all, and outputs that are not overwritten by accident.
+
+Every file edge-reason writes for the user (converted models, benchmark records and reports,
+evaluation results) goes through :func:`atomic_output` / :func:`atomic_write` (a folder through
+:func:`atomic_dir`), and an output given on the command line is checked with
+:func:`refuse_existing` before any heavy work.
 
 Work in progress is written to a hidden part file next to the output, ``.NAME.PID-XXXX.part``
-(a folder for ONNX exports), and renamed to NAME only when complete. The part file goes away
-whatever happens to the writer:
+(a part folder for a folder), flushed to disk and renamed to NAME only when complete. The part
+file goes away whatever happens to the writer:
 
 - an exception, Ctrl-C (SIGINT) or SIGTERM / SIGHUP (turned into :class:`Terminated` while a
   part file exists, when the process had no handler of its own): removed on the way out;
-- ``kill -9``, a crash, a power cut: nothing can run then, so the next conversion to the same
+- ``kill -9``, a crash, a power cut: nothing can run then, so the next write to the same
   output removes the part files whose writer (the PID in the name) is no longer alive.
 """
 
@@ -23,13 +28,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from edge.errors import ConversionError, OutputExistsError
+from edge.errors import OutputExistsError
 
 logger = logging.getLogger(__name__)
 
 
 class Terminated(SystemExit):
-    """SIGTERM or SIGHUP arrived during a conversion: unwinds like Ctrl-C (part files removed),
+    """SIGTERM or SIGHUP arrived while an output was written: unwinds like Ctrl-C (part files removed),
     then exits with 128 + the signal number, as the default action would."""
 
     def __init__(self, signum: int) -> None:
@@ -37,15 +42,12 @@ class Terminated(SystemExit):
         self.signum = signum
 
 
-def check_output(out: str | Path, *, force: bool) -> Path:
-    """Refuse an existing output (unless ``force``) before any heavy work is done."""
+def refuse_existing(out: str | os.PathLike, *, force: bool, verb: str = "overwrite") -> Path:
+    """``out`` as a path; raises :class:`~edge.errors.OutputExistsError` if it exists and
+    ``force`` (``--force``) was not given. Called before any heavy work is done."""
     path = Path(out).expanduser()
-    if path.is_dir():
-        raise ConversionError(f"{path} is a directory; give a file name such as {path / 'model.gguf'}")
     if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force (force=True) to overwrite it")
-    if not path.parent.is_dir():
-        raise ConversionError(f"{path.parent}: no such directory for the output")
+        raise OutputExistsError(f"{path} already exists; pass --force (force=True) to {verb} it, or choose another output")
     return path
 
 
@@ -157,16 +159,49 @@ def temp_dir(directory: Path, stem: str, suffix: str = ".part") -> Iterator[Path
 
 
 @contextlib.contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``out``; move it to ``out`` only if the block succeeds.
+def atomic_output(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``out`` to write; once the block succeeds the file is
+    flushed to disk (fsync) and renamed to ``out``.
 
     On any error, KeyboardInterrupt and SIGTERM included, the temporary file is removed and
     ``out`` is left as it was.
     """
+    out = Path(out)
     with temp_path(out.parent, out.name) as tmp:
         yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, out)
+
+
+def atomic_write(out: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``out`` through :func:`atomic_output`."""
+    out = Path(out)
+    with atomic_output(out) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder next to ``out``, renamed to ``out`` only if the block succeeds (an
+    existing ``out`` is replaced then); removed otherwise, SIGTERM included."""
+    out = Path(out)
+    with temp_dir(out.parent, out.name) as tmp:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            old.rmdir()
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
 
 
 def _umask() -> int:
