@@ -49,6 +49,7 @@ class Babbler:
     eos_token_ids = property(lambda self: frozenset({self.eos_id}))
     bos_token = ""
     eos_token = "<eos>"
+    add_bos = False
     chat_template = PLAIN_TEMPLATE
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
@@ -56,6 +57,9 @@ class Babbler:
 
     def token_bytes(self, token: int) -> bytes:
         return b"" if token == self.eos_id else self.chars[token].encode()
+
+    def detokenize(self, tokens) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode()
 
     def eval(self, tokens):
         self._tokens.extend(tokens)
