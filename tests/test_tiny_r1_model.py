@@ -9,7 +9,7 @@ from edge.benchmarks.tasks import load_task, score
 from edge.control.base import Controller
 from edge.control.budget import ThinkingBudget
 from edge.control.early_exit import EarlyExit
-from edge.events import ControlEvent
+from edge.events import BudgetExhausted, Probe, WaitInjected
 from edge.models import default_model
 from edge.params import SamplingParams
 from edge.runtime import Runtime, collect
@@ -106,8 +106,8 @@ def test_step_cut_budget_exactly_at_a_paragraph_break(rt, items):
     at = rec.ends[-1]  # the break before the self-check
     for budget, retracted in ((at, 0), (at + 1, 1)):
         r = ask(rt, item, [ThinkingBudget(max_thinking=budget, cut="step")])
-        (cut,) = [c for c in r.controls if c.kind == "budget_exhausted"]
-        assert cut.detail["cut"] == "step" and r.stats.retracted_tokens == retracted
+        (cut,) = [c for c in r.controls if isinstance(c, BudgetExhausted)]
+        assert cut.cut == "step" and r.stats.retracted_tokens == retracted
         assert r.stats.thinking_tokens == at and r.stats.injected_tokens <= 4  # just the closing tag
         assert "limited time" not in r.reasoning and score(r.answer, item)[1], r.reasoning[-200:]
 
@@ -116,7 +116,7 @@ def test_wait_extension_on_the_real_model(rt, items):
     item = [i for i in items if i.level == 1][0]
     plain = ask(rt, item)
     longer = ask(rt, item, [ThinkingBudget(min_thinking=plain.stats.thinking_tokens + 10, max_waits=2)])
-    waits = [c for c in longer.controls if c.kind == "wait_injected"]
+    waits = [c for c in longer.controls if isinstance(c, WaitInjected)]
     assert waits and longer.stats.thinking_tokens > plain.stats.thinking_tokens
 
 
@@ -126,8 +126,8 @@ def test_early_exit_on_the_real_model_saves_thinking(rt, items):
     for item in sample:
         full = ask(rt, item)
         ee = ask(rt, item, [EarlyExit(threshold=0.9)])
-        probes = [c for c in ee.controls if isinstance(c, ControlEvent) and c.kind == "probe"]
-        assert ee.stats.probes == len(probes) and ee.stats.probe_tokens == sum(p.detail["cost"] for p in probes)
+        probes = [c for c in ee.controls if isinstance(c, Probe)]
+        assert ee.stats.probes == len(probes) and ee.stats.probe_tokens == sum(p.cost for p in probes)
         saved += full.stats.thinking_tokens - (ee.stats.thinking_tokens + ee.stats.probe_tokens)
         same += score(ee.answer, item)[0] == score(full.answer, item)[0]
     assert saved > 0
