@@ -174,56 +174,59 @@ def prefill(backend: Backend, prompt_tokens: Sequence[int], cache: PromptCache |
 class Loop:
     """One reply being generated: the state its steps share, and the steps.
 
-    Built by :func:`generate` (which prefills the prompt); :meth:`run` yields the events."""
+    ``Loop(backend, params, parser, controllers, cancel).run(prompt_tokens)`` yields the events
+    (:func:`generate` is the public entry)."""
 
     def __init__(
         self,
         backend: Backend,
-        prompt_tokens: Sequence[int],
         params: SamplingParams,
-        *,
-        start_in_thinking: bool = False,
-        tags: TagPair = DEFAULT_TAGS,
+        parser: ThinkParser,
         controllers: Sequence[Controller] = (),
         cancel: threading.Event | None = None,
-        cache: PromptCache | None = None,
-        speculation: SpeculativeConfig | None = None,
     ) -> None:
         self.t0 = time.perf_counter()
-        self.params, self.controllers, self.cancel = params, tuple(controllers), cancel
-        self.stats = stats = Stats(backend=backend.info.to_dict())
-        self.parser = ThinkParser(tags, start_in_thinking=start_in_thinking)
-        self.gen = Generation(backend, params, self.parser, stats)
+        self.params, self.parser, self.controllers, self.cancel = params, parser, tuple(controllers), cancel
+        self.stats = Stats(backend=backend.info.to_dict())
+        self.gen = Generation(backend, params, parser, self.stats)
+        self.backend = backend  # a speculative wrapper of it once prefilled, with speculation on
         self.sample = make_sampler(params).sample  # a bound method calls faster than __call__
         self.emitter = _Emitter(params.stop)
         self.decoder = _decoder()
         self.pending = False  # the last tokens end inside a UTF-8 character (as gen.pending_bytes)
-        self.history = list(prompt_tokens)  # mirrors the backend's cache between steps
         self.token_bytes = backend.token_bytes
         self.whole: dict[int, str] = {}  # tokens whose bytes are complete UTF-8 on their own -> text
+        tags = parser.tags
         self.tag_start = tags.open[0] if tags.open[0] == tags.close[0] else None  # "<": text without it holds no tag
         # the log-softmax over the vocabulary is paid only when someone reads token logprobs
         self.want_logprob = params.logprobs or any(getattr(c, "needs_logprobs", False) for c in self.controllers)
         self.t_first: float | None = None
         self.t_think_end: float | None = None
+        self.token_hooks: dict[bool, list[Controller]] = {True: [], False: []}
+        self.commit_hooks: dict[bool, list[Controller]] = {True: [], False: []}
 
+    def prefill(self, prompt_tokens: Sequence[int], cache: PromptCache | None, speculation: SpeculativeConfig | None) -> None:
+        """Bring the cache to the prompt (see :func:`prefill`) and set up speculation."""
+        backend, stats = self.backend, self.stats
+        self.history = list(prompt_tokens)  # mirrors the backend's cache between steps
         self.logits, reused = prefill(backend, prompt_tokens, cache)
         self.gen.set_logits(self.logits)
         # tokens are committed through `self.eval`; with speculation, a wrapper that serves them
         # from verified draft rows and shows everyone else the cache of committed tokens only
-        self.spec = Speculator(backend, speculation, limit=params.max_tokens) if params.speculate else None
-        self.backend = backend if self.spec is None else self.spec
-        self.gen.set_backend(self.backend)
+        self.spec = Speculator(backend, speculation, limit=self.params.max_tokens) if self.params.speculate else None
+        if self.spec is not None:
+            self.backend = self.spec
+            self.gen.set_backend(self.spec)
         self.eval = self.spec.step if self.spec is not None else backend.eval
         self.t_prefill = time.perf_counter()
         stats.prompt_tokens = len(prompt_tokens)
         stats.backend["cached_prompt_tokens"] = reused
         stats.prefill_seconds = self.t_prefill - self.t0
-        self.token_hooks: dict[bool, list[Controller]] = {True: [], False: []}
-        self.commit_hooks: dict[bool, list[Controller]] = {True: [], False: []}
 
-    def run(self) -> Iterator[Event]:
+    def run(self, prompt_tokens: Sequence[int], *, cache: PromptCache | None = None,
+            speculation: SpeculativeConfig | None = None) -> Iterator[Event]:
         """The reply's events; the last is always :class:`~edge.events.Done`."""
+        self.prefill(prompt_tokens, cache, speculation)
         yield from self.start()
         gen, parser, emitter, stats, history = self.gen, self.parser, self.emitter, self.stats, self.history
         max_tokens, n_ctx, cancel = self.params.max_tokens, self.backend.n_ctx, self.cancel
@@ -446,6 +449,5 @@ def generate(
     """Yield events for one reply to ``prompt_tokens``; the last event is always ``Done``.
     ``speculation`` sets up speculative decoding when ``params.speculate`` turns it on.
     Nothing runs (not even the prefill) before the first event is asked for."""
-    loop = Loop(backend, prompt_tokens, params, start_in_thinking=start_in_thinking, tags=tags,
-                controllers=controllers, cancel=cancel, cache=cache, speculation=speculation)
-    yield from loop.run()
+    loop = Loop(backend, params, ThinkParser(tags, start_in_thinking=start_in_thinking), controllers, cancel)
+    yield from loop.run(prompt_tokens, cache=cache, speculation=speculation)
