@@ -36,6 +36,7 @@ from edge.control.budget import LengthPredictor
 from edge.control.spec import ControlSpec
 from edge.errors import ConfigError
 from edge.files import atomic_output, atomic_write
+from edge.events import Probe
 from edge.params import SamplingParams
 from edge.runtime import collect
 
@@ -155,7 +156,7 @@ def run_item(rt, item: Item, policy: Policy, params: SamplingParams, predictor=N
         "decode_tokens_per_second": s.decode_tokens_per_second,
     }
     if policy.family == "oracle":
-        trials = [c.detail for c in reply.controls if c.kind == "probe"]
+        trials = [c.detail for c in reply.controls if isinstance(c, Probe)]
         first = next((t["at"] for t in trials if is_equiv(t["answer"], pred or "")), None)
         rec["oracle_point"] = first if first is not None else s.thinking_tokens
         rec["oracle_savings"] = s.thinking_tokens - rec["oracle_point"]

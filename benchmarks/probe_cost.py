@@ -19,9 +19,9 @@ from pathlib import Path
 
 from edge.files import atomic_write
 
+from edge.control.base import Generation
 from edge.control.early_exit import DEFAULT_INDUCER
 from edge.events import Stats
-from edge.generate import Generation
 from edge.params import SamplingParams
 from edge.think import ThinkParser
 
@@ -46,10 +46,9 @@ def measure(backend, prompt_len: int, *, repeats: int = 5, probe_tokens: int = 8
     cb = CountingBackend(backend)
     backend.rollback(0)
     t0 = time.perf_counter()
-    logits = backend.eval(filler)
+    backend.eval(filler)
     prefill_s = time.perf_counter() - t0
     gen = Generation(cb, SamplingParams(temperature=0), ThinkParser(start_in_thinking=True), Stats())
-    gen.logits = logits
     times, counts = [], []
     for _ in range(repeats):
         cb.evaluated = 0

@@ -1,12 +1,28 @@
 """Typed events: the one streaming unit every front end consumes.
 
 The generator loop yields these; the CLI, the server and the benchmarks translate them to
-their own output formats at the edge and never re-implement parsing or control."""
+their own output formats at the edge and never re-implement parsing or control. Front ends
+dispatch on the type (``isinstance``), never on a string:
+
+- text: :class:`ThinkingDelta`, :class:`AnswerDelta`;
+- what happened to the reply besides its text, all :class:`ControlEvent` subclasses:
+  :class:`ThinkingDone` (thinking closed, with its figures), :class:`Retracted` (text already
+  streamed is taken back), :class:`Probe` (an early-exit trial answer and its confidence),
+  :class:`BudgetChosen` (a per-query budget), :class:`AnswerBudgetExhausted` (the reply was
+  stopped), and the :class:`Injected` family - a controller put text into the stream:
+  :class:`BudgetExhausted`, :class:`ThinkingClosedAtBudget`, :class:`WaitInjected`,
+  :class:`ThinkingUnclosed`, :class:`EarlyExited`;
+- :class:`TokenLogprobs` for every committed token when ``SamplingParams.logprobs`` asks;
+- :class:`Done` (the last event, with the run's :class:`Stats`).
+
+Every :class:`ControlEvent` has a ``kind`` (its name in reports and on the wire, e.g.
+``"budget_exhausted"``) and a ``detail`` dict of its figures; ``summary()`` is both in one dict.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, NamedTuple, Union
 
 
 @dataclass(frozen=True)
@@ -27,12 +43,155 @@ class AnswerDelta:
 
 @dataclass(frozen=True)
 class ControlEvent:
-    """A controller acted: ``kind`` is e.g. ``budget_exhausted``, ``wait_injected``,
-    ``probe``, ``early_exit``; ``detail`` carries the controller's figures."""
+    """Base of the events that report what happened to a reply besides its text."""
 
-    kind: str
-    detail: dict[str, Any] = field(default_factory=dict)
-    type: str = field(default="control", init=False)
+    kind: ClassVar[str] = "control"
+
+    @property
+    def detail(self) -> dict[str, Any]:
+        """The event's figures, by field name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def summary(self) -> dict[str, Any]:
+        """``{"kind": ..., **detail}``: how reports and ``usage.edge.controls`` list it."""
+        return {"kind": self.kind, **self.detail}
+
+
+@dataclass(frozen=True)
+class ThinkingDone(ControlEvent):
+    """Thinking closed: ``tokens`` thinking tokens in ``seconds`` (emitted before the first
+    answer text)."""
+
+    kind: ClassVar[str] = "thinking_done"
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Retracted(ControlEvent):
+    """The last ``tokens`` committed tokens were taken back; ``text``, already streamed as
+    ``block`` (``"thinking"`` or ``"answer"``), is to be dropped by front ends."""
+
+    kind: ClassVar[str] = "retracted"
+    tokens: int
+    text: str
+    block: str
+
+    @property
+    def detail(self) -> dict[str, Any]:
+        # the block is reported under "kind", as it always was (in ``summary()`` it therefore
+        # replaces the event's own kind)
+        return {"tokens": self.tokens, "text": self.text, "kind": self.block}
+
+
+@dataclass(frozen=True)
+class Probe(ControlEvent):
+    """An early-exit trial: at ``at`` thinking tokens the model's trial ``answer`` had this
+    ``confidence``; ``finished`` if it closed within the probe, which cost ``cost`` tokens."""
+
+    kind: ClassVar[str] = "probe"
+    at: int
+    answer: str
+    confidence: float
+    finished: bool
+    cost: int
+
+
+@dataclass(frozen=True)
+class BudgetChosen(ControlEvent):
+    """An adaptive budget chose this run's thinking cap from the prompt length."""
+
+    kind: ClassVar[str] = "adaptive_budget"
+    budget: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class AnswerBudgetExhausted(ControlEvent):
+    """The answer budget ran out: the reply stops here (finish ``length``)."""
+
+    kind: ClassVar[str] = "answer_budget_exhausted"
+    answer_tokens: int
+
+
+@dataclass(frozen=True)
+class Injected(ControlEvent):
+    """Base of the controller actions that put text into the stream (the text itself arrives
+    as deltas, as if the model had written it)."""
+
+
+@dataclass(frozen=True)
+class BudgetExhausted(Injected):
+    """The thinking cap was reached: thinking was closed (with the end message, or at the last
+    finished step when ``cut == "step"``)."""
+
+    kind: ClassVar[str] = "budget_exhausted"
+    thinking_tokens: int
+    budget: int
+    cut: str | None = None
+
+    @property
+    def detail(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"thinking_tokens": self.thinking_tokens, "budget": self.budget}
+        if self.cut is not None:
+            d["cut"] = self.cut
+        return d
+
+
+@dataclass(frozen=True)
+class ThinkingClosedAtBudget(Injected):
+    """The model closed thinking by itself just as the cap was reached; the close was kept."""
+
+    kind: ClassVar[str] = "thinking_closed_at_budget"
+    thinking_tokens: int
+    budget: int
+
+
+@dataclass(frozen=True)
+class WaitInjected(Injected):
+    """Thinking was about to end below the minimum: "Wait" was written instead."""
+
+    kind: ClassVar[str] = "wait_injected"
+    thinking_tokens: int
+    waits: int
+
+
+@dataclass(frozen=True)
+class ThinkingUnclosed(Injected):
+    """The model ended while thinking: the end message and the close were written."""
+
+    kind: ClassVar[str] = "thinking_unclosed"
+    thinking_tokens: int
+
+
+@dataclass(frozen=True)
+class EarlyExited(Injected):
+    """A probe's answer was settled: thinking closed with it (``probes`` trials so far)."""
+
+    kind: ClassVar[str] = "early_exit"
+    thinking_tokens: int
+    answer: str
+    confidence: float
+    probes: int
+
+
+class Alternative(NamedTuple):
+    """One of the most likely tokens at a position."""
+
+    token: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A committed token (or the end-of-sequence token that ended the reply), its text, its
+    log-probability and the ``SamplingParams.top_logprobs`` most likely tokens there."""
+
+    token: int
+    text: str
+    logprob: float
+    top: tuple[Alternative, ...] = ()
 
 
 @dataclass
@@ -103,4 +262,4 @@ class Done:
     type: str = field(default="done", init=False)
 
 
-Event = Union[ThinkingDelta, AnswerDelta, ControlEvent, Done]
+Event = Union[ThinkingDelta, AnswerDelta, ControlEvent, TokenLogprobs, Done]

@@ -1,152 +1,51 @@
 """The generation loop: one place, shared by every front end.
 
-``generate(backend, prompt_tokens, params, ...)`` prefills the prompt (reusing whatever prefix
-the backend's cache already holds), then decodes one token at a time:
+``generate(backend, prompt_tokens, params, ...)`` runs a :class:`Loop`: it prefills the prompt
+(reusing whatever prefix the backend's cache already holds), then decodes one token at a time:
 
 1. sample a token from the current logits (:mod:`edge.sampling`);
-2. let controllers veto it (``on_token``: budget cap, minimum thinking);
-3. commit it: evaluate it, decode its bytes (never splitting a UTF-8 character), and feed the
-   text to the :class:`~edge.think.ThinkParser`, which says whether it is thinking or answer;
-4. let controllers react (``on_commit``: early-exit probes at step boundaries);
-5. yield typed events; finish on EOS, a stop string, ``max_tokens``, a full context, a
-   controller's stop or cancellation, with a :class:`~edge.events.Done` carrying the figures.
+2. let controllers replace it (``on_token``: budget cap, minimum thinking) - :meth:`Loop.apply`
+   injects an action's text, after :meth:`Loop.retract` took back what it asked;
+3. commit it (:meth:`Loop.commit`): evaluate it, decode its bytes (never splitting a UTF-8
+   character), and feed the text to the :class:`~edge.think.ThinkParser`, which says whether it
+   is thinking or answer;
+4. let controllers react (``on_commit``; early-exit probes run through ``gen.probe``);
+5. yield typed events (:mod:`edge.events`); finish (:meth:`Loop.finish`) on EOS, a stop string,
+   ``max_tokens``, a full context, a controller's stop or cancellation, with a
+   :class:`~edge.events.Done` carrying the figures.
+
+Controllers see the run through :class:`~edge.control.base.Generation`; with
+``SamplingParams.logprobs`` every committed token is reported as a
+:class:`~edge.events.TokenLogprobs`.
 """
 
 from __future__ import annotations
 
 import codecs
-import math
 import threading
 import time
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from edge.backends.base import Backend, common_prefix
-from edge.control.base import Action, Controller
+from edge.control.base import Action, Controller, Generation
 from edge.errors import ContextLengthError, PromptError
-from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta
+from edge.events import (
+    Alternative,
+    AnswerDelta,
+    Done,
+    Event,
+    Retracted,
+    Stats,
+    ThinkingDelta,
+    ThinkingDone,
+    TokenLogprobs,
+)
 from edge.params import SamplingParams
-from edge.sampling import Sampled, make_sampler, token_logprob
+from edge.sampling import Sampled, make_sampler
 from edge.speculative import SpeculativeConfig, Speculator
 from edge.think import ANSWER, DEFAULT_TAGS, THINKING, TagPair, ThinkParser
-
-
-@dataclass
-class ProbeResult:
-    """A trial continuation decoded greedily and rolled back."""
-
-    text: str
-    tokens: list[int]
-    logprobs: list[float]
-    cost: int
-    finished: bool
-
-    @property
-    def mean_prob(self) -> float:
-        return float(np.mean(np.exp(self.logprobs))) if self.logprobs else 0.0
-
-    @property
-    def min_prob(self) -> float:
-        return float(np.exp(min(self.logprobs))) if self.logprobs else 0.0
-
-    @property
-    def geo_mean_prob(self) -> float:
-        return float(math.exp(sum(self.logprobs) / len(self.logprobs))) if self.logprobs else 0.0
-
-    def confidence(self, kind: str = "mean") -> float:
-        return {"mean": self.mean_prob, "min": self.min_prob, "geo": self.geo_mean_prob}[kind]
-
-
-class Generation:
-    """The state of one run as controllers see it."""
-
-    def __init__(self, backend: Backend, params: SamplingParams, parser: ThinkParser, stats: Stats) -> None:
-        self.backend = backend
-        self.params = params
-        self.parser = parser
-        self.stats = stats
-        self.thinking_text = ""
-        self.answer_text = ""
-        self.generated: list[int] = []
-        self.logprobs: list[float] = []
-        self.thinking_logprobs: list[float] = []
-        self.logits: np.ndarray | None = None
-        self.pending_bytes = False
-        self.pending_tokens = 0
-        self._events: list[Event] = []
-        self._pieces: dict[int, str] = {}
-        self.eos = backend.eos_token_ids
-
-    @property
-    def thinking(self) -> bool:
-        return self.parser.thinking
-
-    @property
-    def thinking_tokens(self) -> int:
-        return self.stats.thinking_tokens
-
-    @property
-    def answer_tokens(self) -> int:
-        return self.stats.answer_tokens
-
-    def piece(self, token: int) -> str:
-        """The text of ``token`` alone (bytes of an unfinished character are left out)."""
-        text = self._pieces.get(token)
-        if text is None:
-            text = self._pieces[token] = self.backend.token_bytes(token).decode("utf-8", errors="ignore")
-        return text
-
-    def would_close_thinking(self, token: int) -> bool:
-        """True if committing ``token`` would close the current think block."""
-        parser = self.parser
-        if not parser.thinking:
-            return False
-        text = self._pieces.get(token)
-        return parser.tags.close in parser._held + (text if text is not None else self.piece(token))
-
-    def emit(self, kind: str, **detail) -> None:
-        """Report something to the front ends without acting (e.g. a probe's reading)."""
-        self._events.append(ControlEvent(kind, detail))
-
-    def probe(self, text: str, *, max_tokens: int = 8, stop: Sequence[str] = ("}",)) -> ProbeResult:
-        """Append ``text``, decode up to ``max_tokens`` greedily, then roll everything back.
-
-        The cache is truncated to where it was (no re-prefill) and the current logits are
-        kept, so the main stream continues exactly as if no probe had happened."""
-        backend = self.backend
-        start, saved = backend.n_past, self.logits
-        toks = backend.tokenize(text, special=True)
-        room = backend.n_ctx - start - len(toks) - 1
-        max_tokens = max(0, min(max_tokens, room))
-        out: list[int] = []
-        lps: list[float] = []
-        raw = b""
-        finished = False
-        try:
-            if room < 0:
-                return ProbeResult("", [], [], 0, False)
-            logits = backend.eval(toks)
-            for _ in range(max_tokens):
-                tok = int(np.argmax(logits))
-                lps.append(token_logprob(logits, tok))
-                out.append(tok)
-                if tok in backend.eos_token_ids:
-                    finished = True
-                    break
-                raw += backend.token_bytes(tok)
-                if any(s in raw.decode("utf-8", errors="ignore") for s in stop):
-                    finished = True
-                    break
-                logits = backend.eval([tok])
-        finally:
-            backend.rollback(start)
-            self.logits = saved
-        cost = len(toks) + len(out)
-        self.stats.probe_tokens += cost
-        self.stats.probes += 1
-        return ProbeResult(raw.decode("utf-8", errors="replace"), out, lps, cost, finished)
 
 
 def _hooks(controllers: Sequence[Controller], hook: str) -> dict[bool, list[Controller]]:
@@ -185,10 +84,10 @@ class _Emitter:
             # one piece continuing the current block (nearly every token): nothing to trim
             kind, text = pieces[0]
             if kind == THINKING:
-                gen.thinking_text += text
+                gen.add_text(THINKING, text)
                 return [ThinkingDelta(text)]
             if not self.stop:
-                gen.answer_text += text
+                gen.add_text(ANSWER, text)
                 return [AnswerDelta(text)]
         out: list[Event] = []
         for kind, text in pieces:
@@ -203,7 +102,7 @@ class _Emitter:
                     continue
                 self.block = kind
             if kind == THINKING:
-                gen.thinking_text += text
+                gen.add_text(THINKING, text)
                 out.append(ThinkingDelta(text))
             else:
                 out.extend(self._answer(gen, text))
@@ -228,7 +127,7 @@ class _Emitter:
                         keep = n
                         break
             self.held, buf = buf[len(buf) - keep :], buf[: len(buf) - keep]
-        gen.answer_text += buf
+        gen.add_text(ANSWER, buf)
         return [AnswerDelta(buf)] if buf else []
 
 
@@ -272,6 +171,269 @@ def prefill(backend: Backend, prompt_tokens: Sequence[int], cache: PromptCache |
     return logits, keep
 
 
+class Loop:
+    """One reply being generated: the state its steps share, and the steps.
+
+    ``Loop(backend, params, parser, controllers, cancel).run(prompt_tokens)`` yields the events
+    (:func:`generate` is the public entry)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        params: SamplingParams,
+        parser: ThinkParser,
+        controllers: Sequence[Controller] = (),
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.t0 = time.perf_counter()
+        self.params, self.parser, self.controllers, self.cancel = params, parser, tuple(controllers), cancel
+        self.stats = Stats(backend=backend.info.to_dict())
+        self.gen = Generation(backend, params, parser, self.stats)
+        self.backend = backend  # a speculative wrapper of it once prefilled, with speculation on
+        self.sample = make_sampler(params).sample  # a bound method calls faster than __call__
+        self.emitter = _Emitter(params.stop)
+        self.decoder = _decoder()
+        self.pending = False  # the last tokens end inside a UTF-8 character (as gen.pending_bytes)
+        self.token_bytes = backend.token_bytes
+        self.whole: dict[int, str] = {}  # tokens whose bytes are complete UTF-8 on their own -> text
+        tags = parser.tags
+        self.tag_start = tags.open[0] if tags.open[0] == tags.close[0] else None  # "<": text without it holds no tag
+        # the log-softmax over the vocabulary is paid only when someone reads token logprobs
+        self.want_logprob = params.logprobs or any(getattr(c, "needs_logprobs", False) for c in self.controllers)
+        self.t_first: float | None = None
+        self.t_think_end: float | None = None
+        self.token_hooks: dict[bool, list[Controller]] = {True: [], False: []}
+        self.commit_hooks: dict[bool, list[Controller]] = {True: [], False: []}
+
+    def prefill(self, prompt_tokens: Sequence[int], cache: PromptCache | None, speculation: SpeculativeConfig | None) -> None:
+        """Bring the cache to the prompt (see :func:`prefill`) and set up speculation."""
+        backend, stats = self.backend, self.stats
+        self.history = list(prompt_tokens)  # mirrors the backend's cache between steps
+        self.logits, reused = prefill(backend, prompt_tokens, cache)
+        self.gen.set_logits(self.logits)
+        # tokens are committed through `self.eval`; with speculation, a wrapper that serves them
+        # from verified draft rows and shows everyone else the cache of committed tokens only
+        self.spec = Speculator(backend, speculation, limit=self.params.max_tokens) if self.params.speculate else None
+        if self.spec is not None:
+            self.backend = self.spec
+            self.gen.set_backend(self.spec)
+        self.eval = self.spec.step if self.spec is not None else backend.eval
+        self.t_prefill = time.perf_counter()
+        stats.prompt_tokens = len(prompt_tokens)
+        stats.backend["cached_prompt_tokens"] = reused
+        stats.prefill_seconds = self.t_prefill - self.t0
+
+    def run(self, prompt_tokens: Sequence[int], *, cache: PromptCache | None = None,
+            speculation: SpeculativeConfig | None = None) -> Iterator[Event]:
+        """The reply's events; the last is always :class:`~edge.events.Done`."""
+        self.prefill(prompt_tokens, cache, speculation)
+        yield from self.start()
+        gen, parser, emitter, stats, history = self.gen, self.parser, self.emitter, self.stats, self.history
+        max_tokens, n_ctx, cancel = self.params.max_tokens, self.backend.n_ctx, self.cancel
+        eos, ignore_eos, report_logprobs = self.backend.eos_token_ids, self.params.ignore_eos, self.params.logprobs
+        while True:
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            if stats.thinking_tokens + stats.answer_tokens >= max_tokens or len(history) >= n_ctx:
+                finish = "length"
+                break
+            sampled: Sampled = self.sample(self.logits, history, self.want_logprob)
+            # controllers may replace the sampled token with their text (or stop)
+            hooks = self.token_hooks[parser.thinking]
+            action = self.ask(hooks, sampled) if hooks else None
+            if hooks:
+                yield from gen.take_events()
+            if action is not None:
+                yield from self.apply(action)
+                if action.stop or emitter.stopped:
+                    finish = (action.exit_reason or "stop") if action.stop else "stop"
+                    break
+                continue
+            if report_logprobs:
+                yield self.token_logprobs(sampled)
+            if sampled.token in eos and not ignore_eos:
+                finish = "stop"
+                break
+            yield from self.commit(sampled)
+            if emitter.stopped:
+                finish = "stop"
+                break
+            # controllers may react to the committed token (append text, or stop)
+            hooks = self.commit_hooks[parser.thinking]
+            if hooks:
+                action, events = self.react(hooks, sampled.token)
+                yield from events
+                if action is not None and action.stop:
+                    finish = action.exit_reason or "stop"
+                    break
+                if emitter.stopped:
+                    finish = "stop"
+                    break
+        yield from self.finish(finish)
+
+    def start(self) -> Sequence[Event]:
+        """Start the controllers; the events they emitted."""
+        for c in self.controllers:
+            c.start(self.gen)
+        # hooks that cannot act under a controller's settings are not called per token
+        self.token_hooks, self.commit_hooks = _hooks(self.controllers, "on_token"), _hooks(self.controllers, "on_commit")
+        return self.gen.take_events()
+
+    def ask(self, hooks: Sequence[Controller], sampled: Sampled) -> Action | None:
+        """The first action a controller takes on the sampled token, if any."""
+        for c in hooks:
+            action = c.on_token(self.gen, sampled)
+            if action is not None:
+                return action
+        return None
+
+    def react(self, hooks: Sequence[Controller], token: int) -> tuple[Action | None, list[Event]]:
+        """Controllers see the committed ``token``; the first action taken (applied), and the
+        events."""
+        gen = self.gen
+        piece = gen.piece(token)
+        events: list[Event] = []
+        for c in hooks:
+            action = c.on_commit(gen, piece)
+            events.extend(gen.take_events())
+            if action is not None:
+                return action, events + self.apply(action)
+        return None, events
+
+    def commit(self, sampled: Sampled) -> Sequence[Event]:
+        """Count the sampled token and commit it; the events its text makes."""
+        tok, thinking, stats = sampled.token, self.parser.thinking, self.stats
+        self.gen.add_token(tok, sampled.logprob, thinking)
+        if not thinking and stats.time_to_first_answer_token is None:
+            stats.time_to_first_answer_token = time.perf_counter() - self.t0
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+            stats.time_to_first_token = self.t_first - self.t0
+        events = self.commit_fast(tok, thinking)
+        return events if events is not None else self.feed([tok])
+
+    def commit_fast(self, tok: int, thinking: bool) -> tuple[Event, ...] | None:
+        """Nearly every token is a whole character with no "<" that continues the block being
+        shown, with nothing held back: commit such a token in the fewest steps (what
+        :meth:`feed` would do for it) and return its delta. Any other token: None, nothing done.
+        (Answer text is held back only for stop strings, so with stop strings the answer always
+        takes the general path.)"""
+        if self.pending or self.parser.held:
+            return None
+        text = self.whole.get(tok)
+        if text is None or self.emitter.block != (THINKING if thinking else ANSWER) or (not thinking and self.emitter.stop):
+            return None
+        if self.tag_start is None or self.tag_start in text:
+            return None
+        self.logits = self.eval([tok])
+        self.gen.set_logits(self.logits)
+        self.history.append(tok)
+        if not text:
+            return ()
+        self.gen.add_text(THINKING if thinking else ANSWER, text)
+        return (ThinkingDelta(text),) if thinking else (AnswerDelta(text),)
+
+    def feed(self, tokens: Sequence[int]) -> list[Event]:
+        """Evaluate committed tokens and turn their text into events (with
+        :class:`~edge.events.ThinkingDone` before the first answer text when thinking closes)."""
+        was_thinking = self.parser.thinking
+        self.logits = self.eval(tokens)
+        self.gen.set_logits(self.logits)
+        self.history.extend(tokens)
+        events = self.emitter.pieces(self.gen, self.parser.feed(self.decode(tokens)))
+        if was_thinking and not self.parser.thinking and self.t_think_end is None:
+            self.t_think_end = time.perf_counter()
+            seconds = self.t_think_end - (self.t_first or self.t_prefill)
+            first_answer = next((i for i, e in enumerate(events) if isinstance(e, AnswerDelta)), len(events))
+            events.insert(first_answer, ThinkingDone(self.stats.thinking_tokens, round(seconds, 3)))
+        return events
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """The text of committed tokens; the bytes of an unfinished character wait for the next."""
+        if len(tokens) == 1 and not self.pending:
+            text = self.whole.get(tokens[0])
+            if text is not None:
+                return text
+            raw = self.token_bytes(tokens[0])
+            if _is_utf8(raw):  # nothing buffered: no decoder needed
+                text = self.whole[tokens[0]] = raw.decode("utf-8")
+                return text
+        else:
+            raw = b"".join(self.token_bytes(t) for t in tokens)
+        text = self.decoder.decode(raw)
+        self.pending = bool(self.decoder.getstate()[0])
+        self.gen.set_pending(self.pending, self.gen.pending_tokens + len(tokens) if self.pending else 0)
+        return text
+
+    def retract(self, n: int) -> list[Event]:
+        """Take back the last ``n`` committed tokens: rolled back in the cache, uncounted as
+        thinking/answer (counted as ``retracted_tokens``: they were computed), their text
+        removed from the run's text, and a :class:`~edge.events.Retracted` tells front ends to
+        drop it."""
+        n = min(n, len(self.gen.generated))
+        if n <= 0:
+            return []
+        self.backend.rollback(self.backend.n_past - n)
+        del self.history[len(self.history) - n :]
+        gone = self.gen.drop_tokens(n)
+        pending = self.pending
+        self.decoder, self.pending = _decoder(), False
+        self.gen.set_pending(False, 0)
+        text = b"".join(self.backend.token_bytes(t) for t in gone).decode("utf-8", errors="ignore")
+        if pending or not text:
+            return []  # only bytes of an unfinished character: nothing was shown
+        block = self.parser.mode
+        self.gen.drop_text(block, text)
+        return [Retracted(n, text, block)]
+
+    def apply(self, action: Action) -> list[Event]:
+        """Carry out a controller's action: report it, retract, inject its text."""
+        events: list[Event] = [action.event]
+        if action.exit_reason:
+            self.stats.exit_reason = action.exit_reason
+        if action.retract:
+            events += self.retract(action.retract)
+        if action.text:
+            toks = self.backend.tokenize(action.text, special=True)
+            if self.backend.n_past + len(toks) >= self.backend.n_ctx:
+                return events
+            self.stats.injected_tokens += len(toks)
+            events += self.feed(toks)
+        return events
+
+    def token_logprobs(self, sampled: Sampled) -> TokenLogprobs:
+        """The sampled token (about to be committed, or ending the reply) with its logprobs."""
+        token_bytes = self.backend.token_bytes
+
+        def text(t: int) -> str:
+            return token_bytes(t).decode("utf-8", errors="replace")
+
+        top = tuple(Alternative(t, text(t), lp) for t, lp in sampled.top)
+        return TokenLogprobs(sampled.token, text(sampled.token), sampled.logprob, top)
+
+    def finish(self, reason: str) -> list[Event]:
+        """Flush the text held back, settle the figures; the last events and Done."""
+        stats = self.stats
+        if self.spec is not None:
+            self.spec.sync()  # the cache holds the committed tokens only
+            s = self.spec.stats
+            stats.draft_tokens, stats.draft_accepted = s.drafted, s.accepted
+            stats.model_steps, stats.model_step_tokens = s.steps, s.tokens
+        tail = self.decoder.decode(b"", final=True)
+        events = self.emitter.pieces(self.gen, self.parser.feed(tail) + self.parser.finish(), final=True)
+        t_end = time.perf_counter()
+        if self.t_first is not None and stats.thinking_tokens:
+            stats.thinking_seconds = (self.t_think_end or t_end) - self.t_first
+        stats.decode_seconds = t_end - self.t_prefill
+        stats.total_seconds = t_end - self.t0
+        stats.finish_reason = reason
+        if stats.exit_reason is None:
+            stats.exit_reason = {"stop": "eos" if not self.emitter.stopped else "stop_string"}.get(reason, reason)
+        events.append(Done(stats))
+        return events
+
+
 def generate(
     backend: Backend,
     prompt_tokens: Sequence[int],
@@ -285,209 +447,7 @@ def generate(
     speculation: SpeculativeConfig | None = None,
 ) -> Iterator[Event]:
     """Yield events for one reply to ``prompt_tokens``; the last event is always ``Done``.
-    ``speculation`` sets up speculative decoding when ``params.speculate`` turns it on."""
-    t0 = time.perf_counter()
-    stats = Stats(backend=backend.info.to_dict())
-    parser = ThinkParser(tags, start_in_thinking=start_in_thinking)
-    gen = Generation(backend, params, parser, stats)
-    sample = make_sampler(params).sample  # a bound method calls faster than __call__
-    emitter = _Emitter(params.stop)
-    decoder = _decoder()
-    eos = backend.eos_token_ids
-    history = list(prompt_tokens)
-    token_bytes = backend.token_bytes
-    whole: dict[int, str] = {}  # tokens whose bytes are complete UTF-8 on their own -> text
-    tag_start = tags.open[0] if tags.open[0] == tags.close[0] else None  # "<": text without it holds no tag
-    n_ctx, max_tokens, ignore_eos = backend.n_ctx, params.max_tokens, params.ignore_eos
-    # the log-softmax over the vocabulary is paid only when someone reads token logprobs
-    want_logprob = params.logprobs or any(getattr(c, "needs_logprobs", False) for c in controllers)
-
-    gen.logits, reused = prefill(backend, prompt_tokens, cache)
-    # the loop commits its tokens through `commit`; with speculation, a wrapper that serves them
-    # from verified draft rows and shows everyone else the cache of committed tokens only
-    spec = Speculator(backend, speculation, limit=max_tokens) if params.speculate else None
-    if spec is not None:
-        backend = gen.backend = spec
-    commit = spec.step if spec is not None else backend.eval
-    t_prefill = time.perf_counter()
-    stats.prompt_tokens = len(prompt_tokens)
-    stats.backend["cached_prompt_tokens"] = reused
-    stats.prefill_seconds = t_prefill - t0
-    t_think_end: float | None = None
-    t_first: float | None = None
-
-    def drain() -> list[Event]:
-        ev, gen._events = gen._events, []
-        return ev
-
-    def feed(tokens: Sequence[int]) -> list[Event]:
-        """Evaluate committed tokens and turn their text into events."""
-        nonlocal t_think_end
-        was_thinking = parser.thinking
-        gen.logits = commit(tokens)
-        history.extend(tokens)
-        text = whole.get(tokens[0]) if len(tokens) == 1 and not gen.pending_bytes else None
-        if text is None:
-            raw = b"".join(token_bytes(t) for t in tokens)
-            if len(tokens) == 1 and not gen.pending_bytes and _is_utf8(raw):
-                text = whole[tokens[0]] = raw.decode("utf-8")  # nothing buffered: no decoder needed
-            else:
-                text = decoder.decode(raw)
-                gen.pending_bytes = bool(decoder.getstate()[0])
-                gen.pending_tokens = gen.pending_tokens + len(tokens) if gen.pending_bytes else 0
-        events = emitter.pieces(gen, parser.feed(text))
-        if was_thinking and not parser.thinking and t_think_end is None:
-            t_think_end = time.perf_counter()
-            seconds = t_think_end - (t_first or t_prefill)
-            done = ControlEvent("thinking_done", {"tokens": stats.thinking_tokens, "seconds": round(seconds, 3)})
-            first_answer = next((i for i, e in enumerate(events) if isinstance(e, AnswerDelta)), len(events))
-            events.insert(first_answer, done)
-        return events
-
-    def retract(n: int) -> list[Event]:
-        """Take back the last ``n`` committed tokens: rolled back in the cache, uncounted as
-        thinking/answer (counted as ``retracted_tokens``: they were computed), their text
-        removed from the run's text, and a ``retracted`` event tells front ends to drop it."""
-        nonlocal decoder
-        n = min(n, len(gen.generated))
-        if n <= 0:
-            return []
-        gone = gen.generated[len(gen.generated) - n :]
-        backend.rollback(backend.n_past - n)
-        del history[len(history) - n :]
-        del gen.generated[len(gen.generated) - n :]
-        del gen.logprobs[len(gen.logprobs) - n :]
-        del gen.thinking_logprobs[max(0, len(gen.thinking_logprobs) - n) :]
-        if parser.thinking:
-            stats.thinking_tokens -= n
-        else:
-            stats.answer_tokens -= n
-        stats.retracted_tokens += n
-        pending = gen.pending_bytes
-        decoder = _decoder()
-        gen.pending_bytes, gen.pending_tokens = False, 0
-        text = b"".join(backend.token_bytes(t) for t in gone).decode("utf-8", errors="ignore")
-        if pending or not text:
-            return []  # only bytes of an unfinished character: nothing was shown
-        field = "thinking_text" if parser.thinking else "answer_text"
-        shown = getattr(gen, field)
-        if shown.endswith(text):
-            setattr(gen, field, shown[: len(shown) - len(text)])
-        return [ControlEvent("retracted", {"tokens": n, "text": text, "kind": THINKING if parser.thinking else ANSWER})]
-
-    def apply(action: Action) -> list[Event]:
-        events: list[Event] = [ControlEvent(action.kind, dict(action.detail))]
-        if action.exit_reason:
-            stats.exit_reason = action.exit_reason
-        if action.retract:
-            events += retract(action.retract)
-        if action.text:
-            toks = backend.tokenize(action.text, special=True)
-            if backend.n_past + len(toks) >= backend.n_ctx:
-                return events
-            stats.injected_tokens += len(toks)
-            events += feed(toks)
-        return events
-
-    for c in controllers:
-        c.start(gen)
-    yield from drain()
-    # hooks that cannot act under a controller's settings are not called per token
-    token_hooks, commit_hooks = _hooks(controllers, "on_token"), _hooks(controllers, "on_commit")
-
-    finish = "stop"
-    while True:
-        if cancel is not None and cancel.is_set():
-            finish = "cancelled"
-            break
-        # (history mirrors the backend's cache between steps: len(history) is its n_past)
-        if stats.thinking_tokens + stats.answer_tokens >= max_tokens or len(history) >= n_ctx:
-            finish = "length"
-            break
-        sampled: Sampled = sample(gen.logits, history, want_logprob)
-        action = None
-        for c in token_hooks[parser.thinking]:
-            action = c.on_token(gen, sampled)
-            if action is not None:
-                break
-        if gen._events:
-            yield from drain()
-        if action is not None:
-            yield from apply(action)
-            if action.stop or emitter.stopped:
-                finish = "stop" if not action.stop else (action.exit_reason or "stop")
-                break
-            continue
-        if sampled.token in eos and not ignore_eos:
-            finish = "stop"
-            break
-        thinking = parser.thinking
-        if thinking:
-            stats.thinking_tokens += 1
-            gen.thinking_logprobs.append(sampled.logprob)
-        else:
-            stats.answer_tokens += 1
-            if stats.time_to_first_answer_token is None:
-                stats.time_to_first_answer_token = time.perf_counter() - t0
-        tok = sampled.token
-        gen.generated.append(tok)
-        gen.logprobs.append(sampled.logprob)
-        if t_first is None:
-            t_first = time.perf_counter()
-            stats.time_to_first_token = t_first - t0
-        # Commit the token. Nearly every token is a whole character with no "<" that continues
-        # the block being shown: that case is done here, in the fewest steps (what feed() would
-        # do for it, minus the calls); anything else goes through feed().
-        text = whole.get(tok) if not gen.pending_bytes and not parser._held else None
-        # (answer text is held back only for stop strings, and with stop strings the answer
-        # always takes the general path)
-        if text is not None and emitter.block == (THINKING if thinking else ANSWER) and (
-            thinking or not emitter.stop
-        ) and (tag_start not in text if tag_start is not None else False):
-            gen.logits = commit([tok])
-            history.append(tok)
-            if text:
-                if thinking:
-                    gen.thinking_text += text
-                    yield ThinkingDelta(text)
-                else:
-                    gen.answer_text += text
-                    yield AnswerDelta(text)
-        else:
-            yield from feed([tok])
-        if emitter.stopped:
-            finish = "stop"
-            break
-        hooks = commit_hooks[parser.thinking]
-        if not hooks:
-            continue
-        piece = gen.piece(sampled.token)
-        for c in hooks:
-            action = c.on_commit(gen, piece)
-            if gen._events:
-                yield from drain()
-            if action is not None:
-                yield from apply(action)
-                if action.stop:
-                    finish = action.exit_reason or "stop"
-                break
-        if action is not None and action.stop:
-            break
-        if emitter.stopped:
-            break
-    if spec is not None:
-        spec.sync()  # the cache holds the committed tokens only
-        s = spec.stats
-        stats.draft_tokens, stats.draft_accepted = s.drafted, s.accepted
-        stats.model_steps, stats.model_step_tokens = s.steps, s.tokens
-    tail = decoder.decode(b"", final=True)
-    yield from emitter.pieces(gen, parser.feed(tail) + parser.finish(), final=True)
-    t_end = time.perf_counter()
-    if t_first is not None and stats.thinking_tokens:
-        stats.thinking_seconds = (t_think_end or t_end) - t_first
-    stats.decode_seconds = t_end - t_prefill
-    stats.total_seconds = t_end - t0
-    stats.finish_reason = finish
-    if stats.exit_reason is None:
-        stats.exit_reason = {"stop": "eos" if not emitter.stopped else "stop_string"}.get(finish, finish)
-    yield Done(stats)
+    ``speculation`` sets up speculative decoding when ``params.speculate`` turns it on.
+    Nothing runs (not even the prefill) before the first event is asked for."""
+    loop = Loop(backend, params, ThinkParser(tags, start_in_thinking=start_in_thinking), controllers, cancel)
+    yield from loop.run(prompt_tokens, cache=cache, speculation=speculation)

@@ -4,7 +4,7 @@
 
     with Runtime() as rt:                       # bundled tiny-r1, or Runtime("model.gguf")
         for ev in rt.chat([{"role": "user", "content": "a = 3. b = a + 4. What is b?"}]):
-            print(ev)                           # ThinkingDelta / AnswerDelta / ControlEvent / Done
+            print(ev)                           # ThinkingDelta / AnswerDelta / ControlEvent ... / Done
         reply = rt.ask("a = 3. b = a + 4. What is b?", params=SamplingParams(temperature=0))
         print(reply.answer, reply.reasoning, reply.stats.thinking_tokens)
 
@@ -42,12 +42,12 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 from edge.backends.base import Backend
 from edge.control.base import Controller
 from edge.errors import RuntimeClosedError
-from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta
+from edge.events import AnswerDelta, ControlEvent, Done, Event, Retracted, Stats, ThinkingDelta
 from edge.generate import PromptCache
 from edge.model_ref import ModelSpec
 from edge.params import SamplingParams
 from edge.templates import ChatTemplate, TemplateLimits, thinking_open
-from edge.think import DEFAULT_TAGS, TagPair
+from edge.think import DEFAULT_TAGS, THINKING, TagPair
 
 Messages = Sequence[Mapping[str, Any]]
 
@@ -134,7 +134,7 @@ class Reply:
             "answer": self.answer,
             "reasoning": self.reasoning,
             "stats": self.stats.to_dict(),
-            "controls": [{"kind": c.kind, **c.detail} for c in self.controls],
+            "controls": [c.summary() for c in self.controls],
         }
 
 
@@ -149,11 +149,11 @@ def collect(events: Iterator[Event]) -> Reply:
             reasoning.append(ev.text)
         elif isinstance(ev, ControlEvent):
             controls.append(ev)
-            if ev.kind == "retracted":  # a controller took back text already streamed
-                target = reasoning if ev.detail.get("kind") == "thinking" else answer
+            if isinstance(ev, Retracted):  # a controller took back text already streamed
+                target = reasoning if ev.block == THINKING else answer
                 joined = "".join(target)
-                if joined.endswith(ev.detail["text"]):
-                    target[:] = [joined[: len(joined) - len(ev.detail["text"])]]
+                if joined.endswith(ev.text):
+                    target[:] = [joined[: len(joined) - len(ev.text)]]
         elif isinstance(ev, Done):
             stats = ev.stats
     return Reply("".join(answer).strip(), "".join(reasoning).strip(), stats or Stats(), controls)

@@ -52,6 +52,16 @@ class ThinkParser:
     def mode(self) -> str:
         return THINKING if self.thinking else ANSWER
 
+    @property
+    def held(self) -> str:
+        """Text fed but not yet returned: a suffix that may be the start of the tag that
+        changes state ("" when nothing is held back)."""
+        return self._held
+
+    def would_close(self, text: str) -> bool:
+        """True if feeding ``text`` now would close the current think block."""
+        return self.thinking and self.tags.close in self._held + text
+
     def feed(self, text: str) -> list[tuple[str, str]]:
         """Consume ``text``; return the pieces that are now certain, in order."""
         if not self._held and text and (self._first or self._tag()[0]) not in text:

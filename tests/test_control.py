@@ -11,7 +11,19 @@ from hypothesis import strategies as st
 from edge.control.budget import AdaptiveBudget, LengthPredictor, ThinkingBudget, effort_budget
 from edge.control.early_exit import EarlyExit, boxed_answer, is_boundary
 from edge.errors import ConfigError
-from edge.events import ControlEvent
+from edge.events import (
+    AnswerBudgetExhausted,
+    AnswerDelta,
+    BudgetChosen,
+    BudgetExhausted,
+    EarlyExited,
+    Injected,
+    Probe,
+    Retracted,
+    ThinkingClosedAtBudget,
+    ThinkingUnclosed,
+    WaitInjected,
+)
 from edge.generate import generate
 from edge.params import SamplingParams
 from edge.runtime import collect
@@ -33,7 +45,7 @@ def run(backend, controllers=(), params=GREEDY):
 
 
 def controls(events, kind):
-    return [e for e in events if isinstance(e, ControlEvent) and e.kind == kind]
+    return [e for e in events if isinstance(e, kind)]
 
 
 def backend(**kw):
@@ -56,7 +68,7 @@ def test_hard_budget_is_never_exceeded_and_an_answer_follows(cap):
     assert r.answer.endswith("\\boxed{7}") == (cap >= len(SCRIPT))
     if cap < len(SCRIPT):
         assert r.stats.thinking_tokens == cap
-        assert controls(events, "budget_exhausted") or controls(events, "thinking_closed_at_budget")
+        assert controls(events, BudgetExhausted) or controls(events, ThinkingClosedAtBudget)
         assert r.stats.injected_tokens > 0
 
 
@@ -74,7 +86,7 @@ def test_thinking_off_closes_before_the_first_token():
 def test_answer_budget_caps_the_answer():
     r, events = run(backend(), [ThinkingBudget(max_thinking=2, answer_budget=4)])
     assert r.stats.answer_tokens == 4
-    assert controls(events, "answer_budget_exhausted")
+    assert controls(events, AnswerBudgetExhausted)
 
 
 def test_budget_does_not_split_a_utf8_character():
@@ -83,14 +95,14 @@ def test_budget_does_not_split_a_utf8_character():
     r, events = run(b, [ThinkingBudget(max_thinking=3, end_message="\nStop.\n")])
     assert "\ufffd" not in r.reasoning
     assert r.stats.thinking_tokens == 2  # the half character was taken back
-    assert controls(events, "budget_exhausted")[0].detail["thinking_tokens"] == 2
+    assert controls(events, BudgetExhausted)[0].thinking_tokens == 2
     r2, _ = run(ScriptedBackend(script, ANSWER), [ThinkingBudget(max_thinking=4)])
     assert "数" in r2.reasoning and r2.stats.thinking_tokens == 4
 
 
 def test_min_thinking_replaces_the_close_with_wait():
     r, events = run(backend(), [ThinkingBudget(min_thinking=100, max_waits=2, wait_text="\nWait")])
-    waits = controls(events, "wait_injected")
+    waits = controls(events, WaitInjected)
     assert len(waits) == 2
     assert r.reasoning.count("Wait") == 1 + 2 and r.answer.endswith("\\boxed{7}")
 
@@ -98,20 +110,20 @@ def test_min_thinking_replaces_the_close_with_wait():
 def test_early_exit_on_confidence_saves_tokens_and_reuses_the_probe_answer():
     b = backend(trial=confident_after(5))
     r, events = run(b, [EarlyExit(threshold=0.9, inducer=INDUCER)])
-    probes = controls(events, "probe")
-    assert [p.detail["at"] for p in probes] == [2, 4, 6]
-    assert [p.detail["answer"] for p in probes] == ["3", "3", "7"]
+    probes = controls(events, Probe)
+    assert [p.at for p in probes] == [2, 4, 6]
+    assert [p.answer for p in probes] == ["3", "3", "7"]
     assert r.stats.thinking_tokens == 6 < len(SCRIPT)
     assert r.stats.exit_reason == "early_exit"
     assert r.answer.endswith("\\boxed{7}") and "Wait" not in r.reasoning
-    assert r.stats.probes == 3 and r.stats.probe_tokens == sum(p.detail["cost"] for p in probes)
+    assert r.stats.probes == 3 and r.stats.probe_tokens == sum(p.cost for p in probes)
 
 
 def test_probes_do_not_change_the_main_stream():
     plain, _ = run(backend())
     b = backend(trial=confident_after(100))
     probed, events = run(b, [EarlyExit(threshold=0.5, inducer=INDUCER, record_only=True)])
-    assert [p.detail["at"] for p in controls(events, "probe")] == [2, 4, 6]
+    assert [p.at for p in controls(events, Probe)] == [2, 4, 6]
     assert probed.reasoning == plain.reasoning and probed.answer == plain.answer
     assert probed.stats.thinking_tokens == plain.stats.thinking_tokens
 
@@ -119,7 +131,7 @@ def test_probes_do_not_change_the_main_stream():
 def test_consistency_mode_exits_when_k_trials_agree():
     b = backend(trial=lambda n: ("7", 0.4) if n >= 4 else ("5", 0.4))
     r, events = run(b, [EarlyExit(mode="consistency", k=2, inducer=INDUCER)])
-    assert [p.detail["answer"] for p in controls(events, "probe")] == ["5", "7", "7"]
+    assert [p.answer for p in controls(events, Probe)] == ["5", "7", "7"]
     assert r.stats.thinking_tokens == 6 and r.stats.exit_reason == "early_exit"
     r2, _ = run(backend(trial=lambda n: ("7", 0.4) if n >= 4 else ("5", 0.4)), [EarlyExit(mode="confidence", threshold=0.9, inducer=INDUCER)])
     assert r2.stats.exit_reason == "eos"  # never confident enough
@@ -128,23 +140,23 @@ def test_consistency_mode_exits_when_k_trials_agree():
 def test_stream_confidence_gate_skips_probes():
     b = backend(trial=confident_after(0), probs=[0.6] * len(SCRIPT))
     r, events = run(b, [EarlyExit(threshold=0.9, gate=0.8, inducer=INDUCER)])
-    assert not controls(events, "probe") and r.stats.probe_tokens == 0
+    assert not controls(events, Probe) and r.stats.probe_tokens == 0
     b = backend(trial=confident_after(0), probs=[0.95] * len(SCRIPT))
     r, events = run(b, [EarlyExit(threshold=0.9, gate=0.8, inducer=INDUCER)])
-    assert len(controls(events, "probe")) == 1 and r.stats.thinking_tokens == 2
+    assert len(controls(events, Probe)) == 1 and r.stats.thinking_tokens == 2
 
 
 def test_min_gap_spaces_probes():
     b = backend(trial=confident_after(100))
     _, events = run(b, [EarlyExit(threshold=0.9, min_gap=3, inducer=INDUCER)])
-    at = [p.detail["at"] for p in controls(events, "probe")]
+    at = [p.at for p in controls(events, Probe)]
     assert all(b - a >= 3 for a, b in zip(at, at[1:])) and len(at) < 4
 
 
 def test_budget_and_early_exit_compose():
     b = backend(trial=confident_after(100))
     r, events = run(b, [ThinkingBudget(max_thinking=5), EarlyExit(threshold=0.9, inducer=INDUCER)])
-    assert r.stats.thinking_tokens == 5 and controls(events, "budget_exhausted") and controls(events, "probe")
+    assert r.stats.thinking_tokens == 5 and controls(events, BudgetExhausted) and controls(events, Probe)
     b = backend(trial=confident_after(3))
     r, _ = run(b, [ThinkingBudget(max_thinking=9), EarlyExit(threshold=0.9, inducer=INDUCER)])
     assert r.stats.thinking_tokens == 4 and r.stats.exit_reason == "early_exit"
@@ -155,7 +167,7 @@ def test_adaptive_budget_scales_with_prompt_length():
     assert pred(25) == 50
     ctl = AdaptiveBudget(predictor=LengthPredictor(intercept=0, slope=1.0))
     r, events = run(backend(), [ctl])  # prompt "Q?" is 2 tokens -> budget 2
-    assert r.stats.thinking_tokens == 2 and controls(events, "adaptive_budget")[0].detail["budget"] == 2
+    assert r.stats.thinking_tokens == 2 and controls(events, BudgetChosen)[0].budget == 2
 
 
 def test_length_predictor_fits_exactly_and_matches_numpy_on_noisy_data():
@@ -218,14 +230,14 @@ def test_helpers():
 def test_step_cut_rolls_back_the_unfinished_step():
     # cap inside "Wait, let me check." (tokens 6..): thinking closes at the paragraph break
     r, events = run(backend(), [ThinkingBudget(max_thinking=8, cut="step")])
-    (ev,) = controls(events, "retracted")
-    assert ev.detail["tokens"] == 2 and ev.detail["text"] == "Wait, let me check."
+    (ev,) = controls(events, Retracted)
+    assert ev.tokens == 2 and ev.text == "Wait, let me check."
     assert r.stats.thinking_tokens == 6 and r.stats.retracted_tokens == 2
     assert r.reasoning.endswith("So x = 7.") and "Wait" not in r.reasoning.split("So x = 7.")[-1]
     assert r.answer.endswith("\\boxed{?}")  # the scripted model answers from how far it got
     # no paragraph break yet: falls back to the token cut with the message
     r2, events2 = run(backend(), [ThinkingBudget(max_thinking=1, cut="step", end_message="\nStop.\n")])
-    assert r2.stats.thinking_tokens == 1 and not controls(events2, "retracted") and r2.reasoning.endswith("Stop.")
+    assert r2.stats.thinking_tokens == 1 and not controls(events2, Retracted) and r2.reasoning.endswith("Stop.")
     with pytest.raises(ConfigError):
         ThinkingBudget(max_thinking=3, cut="sentence")
 
@@ -307,3 +319,34 @@ def test_gate_bound_decides_exactly_like_the_full_computation(monkeypatch):
         closed += not full
         skipped += not full_computations
     assert closed > 50 and skipped > closed // 2  # most closed gates needed no exponentials
+
+
+def test_controller_actions_are_typed_events_reported_before_their_text():
+    # early exit: the probe's answer, reused
+    r, events = run(backend(trial=confident_after(5)), [EarlyExit(threshold=0.9, inducer=INDUCER)])
+    (ex,) = controls(events, EarlyExited)
+    assert isinstance(ex, Injected) and (ex.thinking_tokens, ex.answer, ex.confidence, ex.probes) == (6, "7", 0.99, 3)
+    assert ex.summary() == {"kind": "early_exit", "thinking_tokens": 6, "answer": "7", "confidence": 0.99, "probes": 3}
+    assert events.index(ex) < next(i for i, e in enumerate(events) if isinstance(e, AnswerDelta))
+    assert ex.summary() in r.to_dict()["controls"]
+    # the model closes thinking by itself exactly at the cap: the close is kept, not forced
+    r, events = run(backend(), [ThinkingBudget(max_thinking=len(SCRIPT) - 1)])
+    (closed,) = controls(events, ThinkingClosedAtBudget)
+    assert (closed.thinking_tokens, closed.budget) == (len(SCRIPT) - 1, len(SCRIPT) - 1) and not controls(events, BudgetExhausted)
+    assert r.stats.exit_reason == "eos" and "\\boxed{" in r.answer
+    # the model ends while thinking: the end message and the close are written for it
+    class EndsWhileThinking(ScriptedBackend):
+        def _next(self):
+            if "</think>" not in self.text() and sum(self.script_base <= t < self.eos_id for t in self.tokens) == 4:
+                return self.eos_id, 0.99
+            return super()._next()
+
+    r, events = run(EndsWhileThinking(SCRIPT, ANSWER), [ThinkingBudget(max_thinking=100, end_message="\nStop.\n")])
+    (unclosed,) = controls(events, ThinkingUnclosed)
+    assert isinstance(unclosed, Injected) and unclosed.thinking_tokens == 4
+    assert r.reasoning.endswith("Stop.") and "\\boxed{" in r.answer
+    # a step cut names its cut; a token cut does not
+    _, events = run(backend(), [ThinkingBudget(max_thinking=8, cut="step")])
+    assert controls(events, BudgetExhausted)[0].summary() == {"kind": "budget_exhausted", "thinking_tokens": 6, "budget": 8, "cut": "step"}
+    _, events = run(backend(), [ThinkingBudget(max_thinking=3)])
+    assert controls(events, BudgetExhausted)[0].summary() == {"kind": "budget_exhausted", "thinking_tokens": 3, "budget": 3}

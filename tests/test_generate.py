@@ -1,19 +1,25 @@
-"""The generation loop's text path: its inline per-token fast path must stream exactly what the
-parser and emitter produce for the same pieces (tags split across tokens, multi-byte characters
-split across tokens, stop strings, several think blocks)."""
+"""The generation loop's text path: its per-token fast path (``Loop.commit_fast``) must stream
+exactly what the parser and emitter produce for the same pieces (tags split across tokens,
+multi-byte characters split across tokens, stop strings, several think blocks). And the loop's
+own events: ``ThinkingDone`` between thinking and answer, ``TokenLogprobs`` when asked."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from edge.events import AnswerDelta, ThinkingDelta
-from edge.generate import Generation, _Emitter, generate
-from edge.events import Stats
+from edge.control.base import Generation
+from edge.control.budget import ThinkingBudget
+from edge.events import AnswerDelta, Done, Injected, Stats, ThinkingDelta, ThinkingDone, TokenLogprobs
+from edge.generate import _Emitter, generate
 from edge.params import SamplingParams
 from edge.think import ThinkParser
 from edge.backends.base import BackendInfo
+from tests.scripted import ScriptedBackend
 
 
 class Replay:
@@ -135,3 +141,65 @@ def test_streamed_text_equals_spec(pieces, start_in_thinking):
     got = [(type(e).__name__, e.text) for e in events if isinstance(e, (ThinkingDelta, AnswerDelta))]
     text = b"".join(p if isinstance(p, bytes) else p.encode() for p in pieces).decode("utf-8", errors="replace")
     assert merged(got) == spec_events(text, start_in_thinking)
+
+
+# -- the loop's own events on a scripted model -------------------------------------------------
+
+SCRIPT = ["Step one.", "\n\n", "Step two.", "\n\n", "So x = 7.", "\n", "</think>\n\n**Final"]  # the answer starts in the closing token
+ANSWER = "\n\n**Final Answer**\n\\boxed{7}"
+
+
+def scripted_events(params, controllers=(), **kw):
+    b = ScriptedBackend(SCRIPT, ANSWER, probs=[0.9, 0.8, 0.7, 0.6, 0.5, 0.95, 0.9], **kw)
+    prompt = b.tokenize("Q?")
+    return b, prompt, list(generate(b, prompt, params, start_in_thinking=True, controllers=controllers))
+
+
+@given(cap=st.sampled_from([None, 0, 1, 3, 6]))
+@settings(max_examples=10, deadline=None)
+def test_thinking_done_comes_once_between_the_thinking_and_the_answer(cap):
+    controllers = [ThinkingBudget(max_thinking=cap)] if cap is not None else []
+    _, _, events = scripted_events(SamplingParams(temperature=0, max_tokens=100), controllers)
+    (i,) = [i for i, e in enumerate(events) if isinstance(e, ThinkingDone)]
+    kinds = [type(e) for e in events]
+    last_thinking = max((j for j, k in enumerate(kinds) if k is ThinkingDelta), default=-1)
+    assert last_thinking < i < kinds.index(AnswerDelta)
+    stats = events[-1].stats
+    assert events[i].tokens == stats.thinking_tokens == (len(SCRIPT) if cap is None else cap)
+    assert 0 <= events[i].seconds <= stats.total_seconds + 1e-3
+
+
+def test_token_logprobs_report_every_committed_token_and_the_end():
+    params = SamplingParams(temperature=0, max_tokens=100, logprobs=True, top_logprobs=3)
+    b, prompt, events = scripted_events(params)
+    reported = [e for e in events if isinstance(e, TokenLogprobs)]
+    # every token the model wrote, in order, then the end-of-sequence token that ended the reply
+    assert [e.token for e in reported] == list(b.tokens[len(prompt):]) + [b.eos_id]
+    assert [e.text for e in reported[: len(SCRIPT)]] == SCRIPT and reported[-1].text == ""
+    for e, p in zip(reported, [0.9, 0.8, 0.7, 0.6, 0.5, 0.95, 0.9]):
+        assert e.logprob == pytest.approx(math.log(p), abs=1e-5)
+    for e in reported:  # greedy: the chosen token is the most likely one; alternatives best first
+        assert len(e.top) == 3 and e.top[0].token == e.token and e.top[0].logprob == pytest.approx(e.logprob)
+        assert [a.logprob for a in e.top] == sorted((a.logprob for a in e.top), reverse=True)
+        assert e.top[0].text == e.text
+    # each comes before the text of its token
+    first = next(i for i, e in enumerate(events) if isinstance(e, TokenLogprobs))
+    assert first < next(i for i, e in enumerate(events) if isinstance(e, ThinkingDelta))
+    assert isinstance(events[-1], Done)
+    # not asked: none (and the stream is otherwise the same)
+    _, _, plain = scripted_events(SamplingParams(temperature=0, max_tokens=100))
+    assert not any(isinstance(e, TokenLogprobs) for e in plain)
+    strip = lambda evs: [e for e in evs if isinstance(e, (ThinkingDelta, AnswerDelta))]  # noqa: E731
+    assert strip(plain) == strip(events)
+
+
+def test_token_logprobs_leave_out_what_a_controller_wrote():
+    params = SamplingParams(temperature=0, max_tokens=100, logprobs=True, top_logprobs=1)
+    b, prompt, events = scripted_events(params, [ThinkingBudget(max_thinking=2, end_message="\nStop.\n")])
+    stats = events[-1].stats
+    reported = [e.token for e in events if isinstance(e, TokenLogprobs)]
+    injected = [e for e in events if isinstance(e, Injected)]
+    assert len(injected) == 1 and stats.injected_tokens > 0
+    # the model's tokens only: the two thinking tokens, the answer, the end - not the message
+    assert len(reported) == stats.thinking_tokens + stats.answer_tokens + 1
+    assert reported[:2] == [b.script_base, b.script_base + 1] and reported[-1] == b.eos_id

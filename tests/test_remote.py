@@ -11,6 +11,7 @@ from edge.backends.remote import RemoteBackend, parse_top_logprobs
 from edge.control.budget import ThinkingBudget
 from edge.control.early_exit import EarlyExit
 from edge.errors import BackendError, ConfigError
+from edge.events import Probe
 from edge.params import SamplingParams
 from edge.runtime import Runtime, collect
 from tests.scripted import ScriptedBackend
@@ -72,7 +73,7 @@ def test_a_thinking_budget_works_through_the_remote_backend(remote, smollm2_runt
     assert far.stats.exit_reason == near.stats.exit_reason == "budget"
     assert far.reasoning == near.reasoning and far.reasoning.endswith("Time is up.")
     assert far.answer == near.answer and far.stats.answer_tokens == near.stats.answer_tokens > 0
-    assert [c.kind for c in far.controls] == [c.kind for c in near.controls]
+    assert [type(c) for c in far.controls] == [type(c) for c in near.controls]
 
 
 def test_early_exit_works_through_the_remote_backend():
@@ -84,7 +85,7 @@ def test_early_exit_works_through_the_remote_backend():
             far = collect(rt.complete("Q?<think>", params, controllers=ctl))
         near_rt = Runtime(backend=ScriptedBackend(SCRIPT, ANSWER, trial=confident_after(5)))
         near = collect(near_rt.complete("Q?<think>", params, controllers=[EarlyExit(threshold=0.9)]))
-        probes = lambda r: [c.detail["answer"] for c in r.controls if c.kind == "probe"]  # noqa: E731
+        probes = lambda r: [c.answer for c in r.controls if isinstance(c, Probe)]  # noqa: E731
         assert probes(far) == probes(near) == ["3", "3", "7"]
         assert far.stats.exit_reason == "early_exit" and far.stats.thinking_tokens == near.stats.thinking_tokens == 6
         assert far.answer == near.answer and far.answer.endswith("\\boxed{7}")

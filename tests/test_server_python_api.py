@@ -25,7 +25,7 @@ def untimed(events):
     out = []
     for e in events:
         if isinstance(e, ControlEvent):
-            out.append((e.kind, {k: v for k, v in e.detail.items() if k != "seconds"}))
+            out.append((type(e), {k: v for k, v in e.detail.items() if k != "seconds"}))
         elif not isinstance(e, Done):
             out.append(e)
     return out

@@ -107,3 +107,9 @@ def test_completion_logprobs_on_a_real_model(real):
     for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert chosen == pytest.approx(max(top.values())) and chosen <= 0  # greedy takes the top token
     assert "".join(lp.tokens).strip() == r.choices[0].text.strip() and lp.text_offset[0] == 0
+    # streamed: the same tokens and figures, each token's logprobs in the chunk of its text
+    stream = client(real).completions.create(model="m", prompt="The capital of France is", max_tokens=2, temperature=0, logprobs=3, stream=True)
+    chunks = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.tokens] == lp.tokens
+    assert [x for c in chunks for x in c.token_logprobs] == lp.token_logprobs
+    assert [x for c in chunks for x in c.text_offset] == lp.text_offset

@@ -182,7 +182,7 @@ def untimed(events):
     def detail(d):
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items() if k != "seconds"}
 
-    return [ControlEvent(e.kind, detail(e.detail)) if isinstance(e, ControlEvent) else e for e in events]
+    return [(type(e), detail(e.detail)) if isinstance(e, ControlEvent) else e for e in events]
 
 
 def same_run(rt, prompt, params, controllers_factory=lambda: (), **kw):

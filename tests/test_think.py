@@ -137,10 +137,10 @@ def test_nested_open_tag_stays_in_thinking():
 def test_only_the_tag_that_changes_state_is_held_back():
     answering = ThinkParser()
     assert answering.feed("x</th") == [(ANSWER, "x</th")]  # cannot be "<think>": shown at once
-    assert answering.feed("y<th") == [(ANSWER, "y")] and answering._held == "<th"
+    assert answering.feed("y<th") == [(ANSWER, "y")] and answering.held == "<th"
     thinking = ThinkParser(start_in_thinking=True)
     assert thinking.feed("x<th") == [(THINKING, "x<th")]  # cannot be "</think>"
-    assert thinking.feed("y</th") == [(THINKING, "y")] and thinking._held == "</th"
+    assert thinking.feed("y</th") == [(THINKING, "y")] and thinking.held == "</th"
 
 
 def test_partial_tag_is_held_back_then_released():

@@ -3,13 +3,14 @@ problems, and the reasoning controls work on it end to end."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from edge.benchmarks.tasks import load_task, score
 from edge.control.base import Controller
 from edge.control.budget import ThinkingBudget
 from edge.control.early_exit import EarlyExit
-from edge.events import ControlEvent
+from edge.events import BudgetExhausted, Probe, Retracted, ThinkingDelta, ThinkingDone, TokenLogprobs, WaitInjected
 from edge.model_ref import default_model
 from edge.params import SamplingParams
 from edge.runtime import Runtime, collect
@@ -84,6 +85,37 @@ def test_step_cut_budget_answers_from_a_finished_step(rt, items):
     assert score(r.answer, item)[1] and r.reasoning.endswith(f"= {item.gold}.")
 
 
+def test_step_cut_as_the_event_stream_shows_it(rt, items):
+    """On tiny-r1: the unfinished step was streamed, then the cut is reported, its text retracted
+    (exactly what was streamed last), and thinking done with the tokens kept; with logprobs asked,
+    every token the model wrote has its TokenLogprobs, the controller's close tag none."""
+    item = [i for i in items if i.level == 6][0]
+    msgs = [{"role": "user", "content": item.prompt}]
+    cap = int(ask(rt, item).stats.thinking_tokens * 0.75)
+    params = GREEDY.with_(logprobs=True, top_logprobs=2)
+    events = list(rt.chat(msgs, params, controllers=[ThinkingBudget(max_thinking=cap, cut="step")]))
+    stats = events[-1].stats
+    (cut,) = [e for e in events if isinstance(e, BudgetExhausted)]
+    (ret,) = [e for e in events if isinstance(e, Retracted)]
+    (done,) = [e for e in events if isinstance(e, ThinkingDone)]
+    assert events.index(cut) < events.index(ret) < events.index(done)
+    streamed = "".join(e.text for e in events[: events.index(ret)] if isinstance(e, ThinkingDelta))
+    assert ret.block == "thinking" and ret.tokens == stats.retracted_tokens > 0 and ret.text and streamed.endswith(ret.text)
+    assert cut.cut == "step" and cut.thinking_tokens == done.tokens == stats.thinking_tokens
+    reply = collect(iter(events))
+    assert reply.reasoning == streamed[: len(streamed) - len(ret.text)].strip() and reply.reasoning.endswith(f"= {item.gold}.")
+    lps = [e for e in events if isinstance(e, TokenLogprobs)]
+    ended_by_eos = stats.finish_reason == "stop"
+    assert len(lps) == stats.thinking_tokens + stats.retracted_tokens + stats.answer_tokens + ended_by_eos
+    assert all(e.top[0].token == e.token and e.top[0].logprob == pytest.approx(e.logprob) and e.logprob <= 0 for e in lps)
+    # the first one against the model's own distribution after the prompt
+    ids = rt.tokenize_prompt(rt.render(msgs))
+    rt.backend.rollback(0)
+    logits = rt.backend.eval(ids).astype(np.float64)
+    assert lps[0].token == int(logits.argmax())
+    assert lps[0].logprob == pytest.approx(logits[lps[0].token] - logits.max() - np.log(np.exp(logits - logits.max()).sum()), abs=1e-4)
+
+
 class StepEnds(Controller):
     """Records the thinking-token count at every paragraph break (where a step cut may land)."""
 
@@ -106,8 +138,8 @@ def test_step_cut_budget_exactly_at_a_paragraph_break(rt, items):
     at = rec.ends[-1]  # the break before the self-check
     for budget, retracted in ((at, 0), (at + 1, 1)):
         r = ask(rt, item, [ThinkingBudget(max_thinking=budget, cut="step")])
-        (cut,) = [c for c in r.controls if c.kind == "budget_exhausted"]
-        assert cut.detail["cut"] == "step" and r.stats.retracted_tokens == retracted
+        (cut,) = [c for c in r.controls if isinstance(c, BudgetExhausted)]
+        assert cut.cut == "step" and r.stats.retracted_tokens == retracted
         assert r.stats.thinking_tokens == at and r.stats.injected_tokens <= 4  # just the closing tag
         assert "limited time" not in r.reasoning and score(r.answer, item)[1], r.reasoning[-200:]
 
@@ -116,7 +148,7 @@ def test_wait_extension_on_the_real_model(rt, items):
     item = [i for i in items if i.level == 1][0]
     plain = ask(rt, item)
     longer = ask(rt, item, [ThinkingBudget(min_thinking=plain.stats.thinking_tokens + 10, max_waits=2)])
-    waits = [c for c in longer.controls if c.kind == "wait_injected"]
+    waits = [c for c in longer.controls if isinstance(c, WaitInjected)]
     assert waits and longer.stats.thinking_tokens > plain.stats.thinking_tokens
 
 
@@ -126,8 +158,8 @@ def test_early_exit_on_the_real_model_saves_thinking(rt, items):
     for item in sample:
         full = ask(rt, item)
         ee = ask(rt, item, [EarlyExit(threshold=0.9)])
-        probes = [c for c in ee.controls if isinstance(c, ControlEvent) and c.kind == "probe"]
-        assert ee.stats.probes == len(probes) and ee.stats.probe_tokens == sum(p.detail["cost"] for p in probes)
+        probes = [c for c in ee.controls if isinstance(c, Probe)]
+        assert ee.stats.probes == len(probes) and ee.stats.probe_tokens == sum(p.cost for p in probes)
         saved += full.stats.thinking_tokens - (ee.stats.thinking_tokens + ee.stats.probe_tokens)
         same += score(ee.answer, item)[0] == score(full.answer, item)[0]
     assert saved > 0

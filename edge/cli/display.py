@@ -10,7 +10,7 @@ from typing import Iterator, TextIO
 
 import click
 
-from edge.events import AnswerDelta, ControlEvent, Done, Event, ThinkingDelta
+from edge.events import AnswerDelta, ControlEvent, Done, Event, ThinkingDelta, ThinkingDone
 from edge.runtime import Reply, collect
 
 
@@ -48,10 +48,10 @@ class StreamPrinter:
             self.out.flush()
             if ev.text:
                 self._out_open = not ev.text.endswith("\n")
+        elif isinstance(ev, ThinkingDone):
+            self._close_thinking(ev.seconds, ev.tokens)
         elif isinstance(ev, ControlEvent):
-            if ev.kind == "thinking_done":
-                self._close_thinking(ev.detail["seconds"], ev.detail["tokens"])
-            elif not self.hide_thinking:
+            if not self.hide_thinking:
                 detail = ", ".join(f"{k}={v}" for k, v in ev.detail.items() if not isinstance(v, (list, dict)))
                 self._err(f"\n[{ev.kind}{': ' + detail if detail else ''}]\n")
         elif isinstance(ev, Done):

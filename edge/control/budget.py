@@ -14,8 +14,8 @@ and an adaptive per-query budget.
 - ``cut="step"``: at the cap, the unfinished reasoning step (the tokens since the last
   paragraph break) is rolled back and thinking closes at that clean step boundary, with no
   message. A model that never saw truncated reasoning answers from a finished step far
-  better than from half a sentence. The rolled-back tokens are reported (``retracted``
-  event, ``stats.retracted_tokens``) and count as spent.
+  better than from half a sentence. The rolled-back tokens are reported (a
+  :class:`~edge.events.Retracted` event, ``stats.retracted_tokens``) and count as spent.
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ from typing import Sequence
 
 from edge.control.base import Action, Controller
 from edge.errors import ConfigError
+from edge.events import (
+    AnswerBudgetExhausted,
+    BudgetChosen,
+    BudgetExhausted,
+    ThinkingClosedAtBudget,
+    ThinkingUnclosed,
+    WaitInjected,
+)
 
 # In the style of Qwen3's and llama.cpp's --reasoning-budget-message.
 DEFAULT_END_MESSAGE = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
@@ -115,7 +123,7 @@ class ThinkingBudget(Controller):
             if self._answer_start is None:
                 self._answer_start = gen.answer_tokens
             if self.answer_budget is not None and gen.answer_tokens - self._answer_start >= self.answer_budget and not eos:
-                return Action("answer_budget_exhausted", stop=True, exit_reason="length", detail={"answer_tokens": gen.answer_tokens})
+                return Action(AnswerBudgetExhausted(gen.answer_tokens), stop=True, exit_reason="length")
             return None
         n, budget = gen.stats.thinking_tokens, self._budget
         if budget is _UNSET:
@@ -125,7 +133,7 @@ class ThinkingBudget(Controller):
         closing = eos or gen.would_close_thinking(sampled.token)
         if closing and gen.thinking_tokens < self.min_thinking and self.waits < self.max_waits:
             self.waits += 1
-            return Action("wait_injected", text=self.wait_text, detail={"thinking_tokens": gen.thinking_tokens, "waits": self.waits})
+            return Action(WaitInjected(gen.thinking_tokens, self.waits), text=self.wait_text)
         budget = self.budget_for(gen)
         if budget is not None and gen.thinking_tokens >= budget:
             # at the cap even a natural close is injected (an injected tag is not a thinking token)
@@ -134,22 +142,18 @@ class ThinkingBudget(Controller):
                 # the unfinished step since the last paragraph break (none when the cap lands
                 # exactly on the break) is rolled back; thinking closes at a finished step
                 return Action(
-                    "budget_exhausted",
+                    BudgetExhausted(self._step_end, budget, cut="step"),
                     text=self.close_tag + "\n\n",
                     retract=gen.thinking_tokens - self._step_end,
                     exit_reason="budget",
-                    detail={"thinking_tokens": self._step_end, "budget": budget, "cut": "step"},
                 )
-            return Action(
-                "budget_exhausted" if not natural else "thinking_closed_at_budget",
-                text=self.close_tag + "\n\n" if natural else self._end_text(gen),
-                retract=gen.pending_tokens,
-                exit_reason="budget" if not natural else None,
-                detail={"thinking_tokens": gen.thinking_tokens - gen.pending_tokens, "budget": budget},
-            )
+            kept = gen.thinking_tokens - gen.pending_tokens
+            if natural:
+                return Action(ThinkingClosedAtBudget(kept, budget), text=self.close_tag + "\n\n", retract=gen.pending_tokens)
+            return Action(BudgetExhausted(kept, budget), text=self._end_text(gen), retract=gen.pending_tokens, exit_reason="budget")
         if eos:
             # the model stopped without closing its thinking: make it answer
-            return Action("thinking_unclosed", text=self._end_text(gen), retract=gen.pending_tokens, detail={"thinking_tokens": gen.thinking_tokens})
+            return Action(ThinkingUnclosed(gen.thinking_tokens), text=self._end_text(gen), retract=gen.pending_tokens)
         return None
 
 
@@ -221,7 +225,7 @@ class AdaptiveBudget(ThinkingBudget):
         self.current = max(0, int(round(self.predictor(gen.stats.prompt_tokens) * self.scale)))
         if self.max_thinking is not None:
             self.current = min(self.current, self.max_thinking)
-        gen.emit("adaptive_budget", budget=self.current, prompt_tokens=gen.stats.prompt_tokens)
+        gen.emit(BudgetChosen(self.current, gen.stats.prompt_tokens))
 
     def budget_for(self, gen) -> int | None:
         return self.current

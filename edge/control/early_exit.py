@@ -38,6 +38,7 @@ import numpy as np
 
 from edge.control.base import Action, Controller
 from edge.errors import ConfigError
+from edge.events import EarlyExited, Probe
 
 _NEVER, _PLAIN, _WORD, _WORD_INNER = range(4)
 DEFAULT_INDUCER = "</think>\n\n**Final Answer**\n\\boxed{"
@@ -275,7 +276,7 @@ class EarlyExit(Controller):
         kind = self._kinds.get(token)
         if kind is None:
             kind = self._kinds[token] = self._token_kind(gen, token)
-        if kind == _NEVER or (gen.parser._held and gen.would_close_thinking(token)):
+        if kind == _NEVER or (gen.parser.held and gen.would_close_thinking(token)):
             return None
         text = gen.thinking_text
         if not text or text.isspace():
@@ -299,12 +300,11 @@ class EarlyExit(Controller):
             "cost": res.cost,
         }
         self.trials.append(trial)
-        gen.emit("probe", **trial)
+        gen.emit(Probe(**trial))
         if self.record_only or not self.decide():
             return None
         return Action(
-            "early_exit",
+            EarlyExited(gen.thinking_tokens, trial["answer"], round(trial["confidence"], 4), len(self.trials)),
             text=self.inducer + res.text,
             exit_reason="early_exit",
-            detail={"thinking_tokens": gen.thinking_tokens, "answer": trial["answer"], "confidence": round(trial["confidence"], 4), "probes": len(self.trials)},
         )

@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -46,15 +47,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from edge.backends.base import token_text
-from edge.errors import BackendError, ContextLengthError, EdgeError
-from edge.events import ControlEvent, Done, Event
+from edge.errors import ContextLengthError, EdgeError
+from edge.events import Alternative, Event, TokenLogprobs
 from edge.server.body import read_json
 from edge.server.config import ServerConfig, key_matches
 from edge.server.errors import domain_error, error_response
 from edge.server.llama_server import LlamaServerRoutes, check_ids, meta
-from edge.server.logprobs import LogprobRecorder
 from edge.server.protocol import ApiError, GenerationRequest, parse_chat, parse_completion
-from edge.server.wire import CONTENT, SSE_DONE, Envelope, Logprobs, Translator, finish_reason, merge, sse
+from edge.server.wire import CONTENT, SSE_DONE, Envelope, Logprobs, ReplyReader, finish_reason, merge, sse
 
 log = logging.getLogger("edge.server")
 
@@ -204,8 +204,6 @@ class EdgeServer:
             raise
         cancel = threading.Event()
         scoring = self._is_scoring(req)
-        if req.logprobs:
-            req.controllers.append(LogprobRecorder())  # last: it sees only committed tokens
         if req.stream:
             return _EventStream(self._stream(request, req, ids, cancel, release), on_close=release)
         try:
@@ -242,11 +240,11 @@ class EdgeServer:
         token, logprob = top[0]
         eos = token in rt.backend.eos_token_ids
         texts = [token_text(p) for p in pieces]
-        entry = {"token": token, "text": texts[0], "logprob": logprob, "top": [{"token": t, "text": x, "logprob": lp} for (t, lp), x in zip(top, texts)]}
+        entry = TokenLogprobs(token, texts[0], logprob, tuple(Alternative(t, x, lp) for (t, lp), x in zip(top, texts)))
         stats = Stats(prompt_tokens=len(ids), answer_tokens=0 if eos else 1, prefill_seconds=seconds, total_seconds=seconds)
         stats.finish_reason, stats.exit_reason = ("stop", "eos") if eos else ("length", "length")
         self._finished(stats)
-        fields = {} if eos else {CONTENT: entry["text"]}
+        fields = {} if eos else {CONTENT: entry.text}
         lp = Logprobs(req.tokens_as_ids).render([entry])
         return JSONResponse(Envelope(req.kind, self.model_id).completion_response(fields, req.reasoning_format, stats, [], lp))
 
@@ -269,79 +267,52 @@ class EdgeServer:
 
     async def _respond(self, request: Request, req: GenerationRequest, ids: list[int], cancel: threading.Event) -> Response:
         watcher = asyncio.create_task(self._watch_disconnect(request, cancel))
-        translator = Translator(req.reasoning_format)
+        reader = ReplyReader(req.reasoning_format)
         fields: dict[str, str] = {}
-        controls: list[ControlEvent] = []
-        entries: list[dict[str, Any]] = []
-        stats = None
         try:
-            events = self._events(req, ids, cancel)
-            try:
+            async with aclosing(self._events(req, ids, cancel)) as events:
                 async for ev in events:
-                    if isinstance(ev, ControlEvent) and ev.kind == "logprobs":
-                        entries.append(ev.detail)
-                    elif isinstance(ev, ControlEvent):
-                        controls.append(ev)
-                    elif isinstance(ev, Done):
-                        stats = ev.stats
-                    else:
-                        merge(translator.feed(ev), fields)
-            finally:
-                await events.aclose()
+                    merge(reader.feed(ev), fields)
         finally:
             watcher.cancel()
-        merge(translator.close(), fields)
-        if stats is None:
-            raise BackendError("the generation ended without its Done event")
+        merge(reader.close(), fields)
+        stats = reader.stats()
         self._finished(stats)
         env = Envelope(req.kind, self.model_id)
         if req.kind == "chat":
-            return JSONResponse(env.chat_response(fields, req.reasoning_format, stats, controls))
-        lp = Logprobs(req.tokens_as_ids).render(entries) if req.logprobs else None
-        return JSONResponse(env.completion_response(fields, req.reasoning_format, stats, controls, lp))
+            return JSONResponse(env.chat_response(fields, req.reasoning_format, stats, reader.controls))
+        lp = Logprobs(req.tokens_as_ids).render(reader.take_logprobs()) if req.logprobs else None
+        return JSONResponse(env.completion_response(fields, req.reasoning_format, stats, reader.controls, lp))
 
     async def _stream(self, request: Request, req: GenerationRequest, ids: list[int], cancel: threading.Event, release: Callable[[], None]) -> AsyncIterator[bytes]:
         watcher = asyncio.create_task(self._watch_disconnect(request, cancel))
         env = Envelope(req.kind, self.model_id)
-        translator = Translator(req.reasoning_format)
+        reader = ReplyReader(req.reasoning_format)
         logprobs = Logprobs(req.tokens_as_ids)
-        controls: list[ControlEvent] = []
-        pending: list[dict[str, Any]] = []
         chat = req.kind == "chat"
         stats = None
 
         def chunk(fields: dict[str, str], finish: str | None = None) -> bytes:
             if chat:
                 return sse(env.chat_chunk(fields, finish))
-            lp = logprobs.render(pending) if req.logprobs else None
-            pending.clear()
+            # the logprobs of the tokens read so far travel with the next chunk
+            lp = logprobs.render(reader.take_logprobs()) if req.logprobs else None
             return sse(env.completion_chunk(fields, lp, finish))
 
         try:
             if chat:
                 yield sse(env.chat_chunk({"role": "assistant", "content": ""}))
-            events = self._events(req, ids, cancel)
-            try:
+            async with aclosing(self._events(req, ids, cancel)) as events:
                 async for ev in events:
-                    if isinstance(ev, ControlEvent) and ev.kind == "logprobs":
-                        pending.append(ev.detail)
-                    elif isinstance(ev, ControlEvent):
-                        controls.append(ev)
-                    elif isinstance(ev, Done):
-                        stats = ev.stats
-                    else:
-                        for name, text in translator.feed(ev):
-                            yield chunk({name: text})
-            finally:
-                await events.aclose()
-            for name, text in translator.close():
+                    for name, text in reader.feed(ev):
+                        yield chunk({name: text})
+            for name, text in reader.close():
                 yield chunk({name: text})
-            if stats is None:
-                raise BackendError("the generation ended without its Done event")
+            stats = reader.stats()
             self._finished(stats)
             yield chunk({} if chat else {CONTENT: ""}, finish_reason(stats))
             if req.include_usage:
-                yield sse(env.usage_chunk(stats, controls))
+                yield sse(env.usage_chunk(stats, reader.controls))
             yield SSE_DONE
         except EdgeError as exc:
             err = domain_error(exc)

@@ -194,7 +194,7 @@ def sampling_params(body: dict, limits: Limits, *, logprobs: int = 0) -> Samplin
             raise bad("stop", f"'stop' takes at most {MAX_STOP} strings, got {len(stop)}")
         kw["stop"] = tuple(s for s in stop if s)
     if logprobs:
-        kw["top_logprobs"] = logprobs
+        kw["logprobs"], kw["top_logprobs"] = True, logprobs
     try:
         params = SamplingParams(**kw)
     except ConfigError as exc:

@@ -1,5 +1,10 @@
 """Events -> OpenAI wire format. The only place the server turns events into JSON.
 
+:class:`ReplyReader` reads one request's event stream, for the streaming and the
+non-streaming responses alike: text pieces as they come, and the controller events,
+:class:`~edge.events.TokenLogprobs` and final :class:`~edge.events.Stats` kept for the
+response's ``usage`` and ``logprobs``.
+
 :class:`Translator` maps :class:`~edge.events.ThinkingDelta` / :class:`~edge.events.AnswerDelta`
 to ``(field, text)`` pieces according to the reasoning format:
 
@@ -19,7 +24,8 @@ import time
 import uuid
 from typing import Any, Iterable
 
-from edge.events import AnswerDelta, ControlEvent, Event, Stats, ThinkingDelta
+from edge.errors import BackendError
+from edge.events import AnswerDelta, ControlEvent, Done, Event, Stats, ThinkingDelta, TokenLogprobs
 
 REASONING = "reasoning_content"
 CONTENT = "content"
@@ -61,8 +67,47 @@ class Translator:
         return []
 
 
+class ReplyReader:
+    """One request's events: :meth:`feed` returns the ``(field, text)`` pieces of each (see
+    :class:`Translator`) and keeps the rest - ``controls`` (every
+    :class:`~edge.events.ControlEvent`), the token logprobs not yet rendered
+    (:meth:`take_logprobs`) and the stats of ``Done`` (:meth:`stats`)."""
+
+    def __init__(self, reasoning_format: str) -> None:
+        self.translator = Translator(reasoning_format)
+        self.controls: list[ControlEvent] = []
+        self._logprobs: list[TokenLogprobs] = []
+        self._stats: Stats | None = None
+
+    def feed(self, ev: Event) -> list[tuple[str, str]]:
+        if isinstance(ev, TokenLogprobs):
+            self._logprobs.append(ev)
+        elif isinstance(ev, ControlEvent):
+            self.controls.append(ev)
+        elif isinstance(ev, Done):
+            self._stats = ev.stats
+        else:
+            return self.translator.feed(ev)
+        return []
+
+    def close(self) -> list[tuple[str, str]]:
+        """The pieces that end the reply's text (after the last event)."""
+        return self.translator.close()
+
+    def take_logprobs(self) -> list[TokenLogprobs]:
+        """The token logprobs read since the last call."""
+        out, self._logprobs = self._logprobs, []
+        return out
+
+    def stats(self) -> Stats:
+        """The figures of the finished reply."""
+        if self._stats is None:
+            raise BackendError("the generation ended without its Done event")
+        return self._stats
+
+
 def control_summary(controls: Iterable[ControlEvent]) -> list[dict[str, Any]]:
-    return [{"kind": c.kind, **c.detail} for c in controls if c.kind != "logprobs"]
+    return [c.summary() for c in controls]
 
 
 def usage(stats: Stats, controls: Iterable[ControlEvent] = ()) -> dict[str, Any]:
@@ -102,7 +147,7 @@ def _token_text(entry_text: str, token: int, as_ids: bool) -> str:
 
 
 class Logprobs:
-    """Collects ``ControlEvent("logprobs")`` entries into OpenAI's completions ``logprobs``:
+    """Renders :class:`~edge.events.TokenLogprobs` as OpenAI's completions ``logprobs``:
     ``tokens``, ``token_logprobs``, ``top_logprobs`` (one ``{token: logprob}`` per position)
     and ``text_offset``. With ``as_ids`` tokens read ``token_id:N`` (unambiguous)."""
 
@@ -110,16 +155,16 @@ class Logprobs:
         self.as_ids = as_ids
         self.offset = 0
 
-    def render(self, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def render(self, entries: list[TokenLogprobs]) -> dict[str, Any] | None:
         if not entries:
             return None
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in entries:
-            out["tokens"].append(_token_text(e["text"], e["token"], self.as_ids))
-            out["token_logprobs"].append(e["logprob"])
-            out["top_logprobs"].append({_token_text(t["text"], t["token"], self.as_ids): t["logprob"] for t in e["top"]})
+            out["tokens"].append(_token_text(e.text, e.token, self.as_ids))
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({_token_text(t.text, t.token, self.as_ids): t.logprob for t in e.top})
             out["text_offset"].append(self.offset)
-            self.offset += len(e["text"])
+            self.offset += len(e.text)
         return out
 
 
@@ -182,4 +227,4 @@ def sse(obj: Any) -> bytes:
 
 SSE_DONE = b"data: [DONE]\n\n"
 
-__all__ = ["Translator", "Envelope", "Logprobs", "usage", "finish_reason", "merge", "sse", "SSE_DONE"]
+__all__ = ["Translator", "ReplyReader", "Envelope", "Logprobs", "usage", "finish_reason", "merge", "sse", "SSE_DONE"]
