@@ -285,3 +285,29 @@ def test_cli_ctx_beyond_training_needs_the_flag(cli, smollm2):
     line = _one_line_error(cli("run", "hi", "-m", str(smollm2), "--threads", "1", "--ctx", "100000"), "beyond the 8192", "--ctx-beyond-training")
     assert "--ctx 8192 or less" in line
     assert "--ctx-beyond-training" in cli("run", "--help").stdout
+
+
+def test_cli_ctx_auto_and_kv_cache_print_the_estimate_once_and_report_them(cli, smollm2):
+    import json
+
+    r = cli("run", "Say hi.", "-m", str(smollm2), "--threads", "1", "--max-tokens", "4", "--temp", "0", "--json",
+            "--ctx", "auto", "--kv-cache", "q8_0")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("--ctx auto: 8192 tokens (the model's trained length; "), r.stderr
+    assert "KV cache q8_0 with flash attention" in lines[0] and "needs ~" in lines[0]
+    backend = json.loads(r.stdout)["stats"]["backend"]
+    assert backend["n_ctx"] == 8192
+    assert {k: backend["extra"][k] for k in ("kv_cache", "flash_attn", "ctx_source")} == {"kv_cache": "q8_0", "flash_attn": True, "ctx_source": "auto"}
+    plain = cli("run", "Say hi.", "-m", str(smollm2), "--threads", "1", "--max-tokens", "2", "--temp", "0", "--ctx", "512")
+    assert plain.returncode == 0 and "needs ~" not in plain.stderr  # no estimate line unless asked for
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--kv-cache", "q5"), "unknown KV cache type 'q5'; choose one of: f16, q8_0, q4_0"),
+    (("--ctx", "big"), "--ctx takes a number of tokens or 'auto', got 'big'"),
+    (("--ctx", "auto", "--backend", "onnx"), "--kv-cache and --ctx auto apply to --backend llamacpp only"),
+    (("--kv-cache", "q4_0", "--backend", "onnx"), "--kv-cache and --ctx auto apply to --backend llamacpp only"),
+])
+def test_cli_bad_kv_cache_or_ctx_is_one_line(cli, smollm2, args, needle):
+    _one_line_error(cli("run", "hi", "-m", str(smollm2), "--threads", "1", *args), needle)

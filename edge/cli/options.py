@@ -3,7 +3,9 @@ library objects (a :class:`~edge.runtime.Runtime`, one :class:`~edge.params.Samp
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from typing import Any, Callable
 
 import click
@@ -25,13 +27,27 @@ def _threads_help() -> str:
             f"({auto.source}), {auto.batch} for batches).")
 
 
+class CtxType(click.ParamType):
+    """``--ctx``: a number of tokens or ``auto``; anything else is one line and exit 2."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        from edge.backends.llamacpp import check_n_ctx
+
+        return check_n_ctx(value)
+
+
 def model_options(f: Callable) -> Callable:
     opts = [
         click.option("-m", "--model", default=None, help="GGUF path, ONNX folder, or owner/repo:file.gguf (default: the bundled tiny-r1)."),
         click.option("--backend", default="llamacpp", show_default=True, help="llamacpp | onnx | remote"),
-        click.option("--ctx", "n_ctx", type=int, default=None,
+        click.option("--ctx", "n_ctx", type=CtxType(), default=None,
                      help="Context size in tokens (default: 4096, or the model's trained length if smaller); refused beyond the trained "
-                          "length or when the KV cache and weights would not fit in memory."),
+                          "length or when the KV cache and weights would not fit in memory. 'auto': the largest that fits the free "
+                          "memory, up to the trained length (the estimate is printed before loading)."),
+        click.option("--kv-cache", default="f16", show_default=True, metavar="f16|q8_0|q4_0",
+                     help="KV cache type (llama.cpp): q8_0 halves its memory, q4_0 quarters it, with flash attention on."),
         click.option("--ctx-beyond-training", is_flag=True, help="Allow a --ctx above the model's trained length (its output degrades there)."),
         click.option("--threads", type=int, default=None, help=_threads_help()),
         click.option("--device", default="auto", show_default=True,
@@ -67,7 +83,8 @@ def sampling_options(f: Callable) -> Callable:
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens", "speculate")
-MODEL_KEYS = ("model", "backend", "n_ctx", "ctx_beyond_training", "threads", "device", "gpu_layers", "reasoning_prompt", "timeout")
+MODEL_KEYS = ("model", "backend", "n_ctx", "ctx_beyond_training", "threads", "device", "gpu_layers", "reasoning_prompt", "timeout",
+              "kv_cache")
 
 
 def pop_sampling(kw: dict[str, Any]):
@@ -84,6 +101,8 @@ def pop_model_options(kw: dict[str, Any]) -> tuple[str | None, str, dict[str, An
     model, backend = opts.pop("model"), opts.pop("backend")
     if backend != "llamacpp":
         opts.pop("gpu_layers")
+        if opts.pop("kv_cache").lower() != "f16" or opts["n_ctx"] == "auto":
+            raise ConfigError("--kv-cache and --ctx auto apply to --backend llamacpp only")
     if backend == "remote" or not opts["ctx_beyond_training"]:
         opts.pop("ctx_beyond_training")  # the remote server has its own context
     timeout = opts.pop("timeout", None)
@@ -99,7 +118,34 @@ def open_runtime(kw: dict[str, Any]):
     model, backend, opts = pop_model_options(kw)
     from edge.runtime import Runtime
 
-    return Runtime(model, backend=backend, **opts)
+    with _estimate_on_stderr(opts.get("n_ctx") == "auto" or opts.get("kv_cache", "f16").lower() != "f16"):
+        return Runtime(model, backend=backend, **opts)
+
+
+class _PlainInfo(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if record.levelno == logging.INFO else f"{record.levelname} {record.name}: {record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _estimate_on_stderr(show: bool):
+    """The memory estimate the backend logs before loading, as one plain line on stderr."""
+    logger = logging.getLogger("edge.backends.context")
+    if not show:
+        yield
+        return
+    handler = logging.StreamHandler()  # the line plain; warnings as the root logger shows them
+    handler.setFormatter(_PlainInfo())
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def passthrough(f: Callable) -> Callable:
