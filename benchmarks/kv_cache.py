@@ -10,10 +10,10 @@ Three measurements (``benchmarks/results/kv-cache.md`` has the method and the re
   decode speed: rounds in which every context (in a rotating order) decodes ``--decode`` tokens
   greedily after the same prefix and rolls back; per round the ratio to the f16 reference.
 - ``memory``: per (KV type, context) a child process loads the model as edge does
-  (``LlamaCppBackend``), drives it to its worst case (a batch of 512 tokens asking for every
-  logit; without flash attention after filling the context, since the attention scores grow
-  with it) and reports its peak RSS (``VmHWM``) next to the estimate the backend made before
-  loading. ``auto`` is ``--ctx auto``.
+  (``LlamaCppBackend``), drives it to the worst case of generation (a prompt batch of 512
+  tokens; without flash attention after filling the context, since the attention scores grow
+  with it; ``--no-fill`` skips that) and reports its peak RSS (``VmHWM``) next to the estimate
+  the backend made before loading. ``auto`` is ``--ctx auto``.
 
 The text: the AIME 2024 problems of ``benchmarks/data/aime24.jsonl`` with their worked solutions,
 as a chat (user: problem, assistant: solution), rendered with the model's chat template, in file
@@ -177,7 +177,7 @@ def child(model: str, kv: str, ctx: str, threads: int, fill: str) -> dict:
         filled = b.n_past
     else:
         ids = trace_tokens(b, CHUNK)
-    b.score(ids[filled : filled + CHUNK])  # a whole batch of logits
+    b.eval(ids[filled : filled + CHUNK])  # a whole batch, one row of logits, as generation asks
     out = {"kv_cache": kv, "ctx": ctx, "n_ctx": b.n_ctx, "flash_attn": b.info.extra["flash_attn"], "filled_to": filled + CHUNK,
            "estimate_bytes": b.info.extra["memory_estimate_bytes"], "vm_hwm_after_load": loaded_hwm, "vm_hwm": vm_hwm(),
            "seconds": round(time.perf_counter() - t0, 1)}

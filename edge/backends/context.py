@@ -10,7 +10,7 @@
     kernels (``CPU_REPACK``; which types depends on the CPU, see :func:`repacked_bytes`);
   - the KV cache: layers x ctx x KV heads x (key + value head size), in the KV cache type's
     bytes per element including block overhead (f16: 2; q8_0: 34 bytes per 32; q4_0: 18 per 32);
-  - the compute buffer llama.cpp reserves for one batch (:func:`compute_bytes`);
+  - the part of llama.cpp's compute buffer a batch of prompt tokens touches (:func:`compute_bytes`);
   - the runtime: Python, numpy, llama.cpp's libraries and its vocabulary.
 
   Without the optional parts (as for an unknown model or a GPU) it is weights + KV cache, a
@@ -159,29 +159,24 @@ def repacked_bytes(tensors: Sequence[TensorInfo], rules: Mapping[str, int]) -> i
     return total
 
 
-def n_vocab_of(meta: Mapping[str, Any], tensors: Sequence[TensorInfo]) -> int:
-    """The vocabulary size: ``<arch>.vocab_size``, else the token embedding's row count."""
-    size = arch_value(meta, "vocab_size", 0)
-    if size:
-        return int(size)
-    emb = next((t for t in tensors if t.name == "token_embd.weight" and len(t.shape) == 2), None)
-    return int(emb.shape[1]) if emb is not None else 0
+def compute_bytes(meta: Mapping[str, Any], n_ctx: int, *, n_ubatch: int, flash_attn: bool) -> int:
+    """The part of llama.cpp's compute buffer a batch of ``n_ubatch`` prompt tokens touches when
+    it asks for one row of logits, as generation does: the feed-forward and attention activations
+    of the batch and, without flash attention, the attention scores of the batch against the whole
+    context (f32, every head, and their mask), reached when the context is full.
 
-
-def compute_bytes(meta: Mapping[str, Any], n_ctx: int, *, n_vocab: int, n_ubatch: int, flash_attn: bool) -> int:
-    """The compute buffer llama.cpp reserves for its worst batch of ``n_ubatch`` tokens: the
-    logits of every token of the batch (f32) or, without flash attention and when larger, the
-    attention scores of the batch against the whole context (f32, every head) and their mask;
-    plus two activations of the batch. (Checked against llama.cpp's ``compute buffer size``.)"""
+    llama.cpp reserves more: room for the logits of every token of a batch (4 x n_vocab bytes per
+    token, 297 MiB for Qwen2.5 at 512), touched only by a caller that asks for all of them
+    (``score`` of a whole batch, which the generation loop never does)."""
     n_embd = int(arch_value(meta, "embedding_length", 0) or 0)
     heads = arch_value(meta, "attention.head_count", 0)
     n_head = max(heads) if isinstance(heads, (tuple, list)) else int(heads or 0)
-    logits = 4 * n_vocab * n_ubatch
-    activations = 4 * n_ubatch * 2 * n_embd
+    n_ff = arch_value(meta, "feed_forward_length", 0)
+    n_ff = max(n_ff) if isinstance(n_ff, (tuple, list)) else int(n_ff or 0)
+    activations = 4 * n_ubatch * (3 * n_ff + 4 * n_embd)
     if flash_attn:  # the scores are never materialised
-        return logits + activations
-    scores = 4 * n_ubatch * n_ctx * (n_head + 1)
-    return max(logits, scores) + activations
+        return activations
+    return activations + 4 * n_ubatch * n_ctx * (n_head + 1)
 
 
 @dataclass(frozen=True)
@@ -223,14 +218,13 @@ class MemoryEstimate:
 
 
 def estimate_memory(meta: Mapping[str, Any], n_ctx: int, weights_bytes: int, *, kv_cache: str | KVCacheType = "f16",
-                    repacked: int = 0, n_vocab: int = 0, n_ubatch: int = 0, flash_attn: bool = False,
-                    runtime: int = 0) -> MemoryEstimate:
+                    repacked: int = 0, n_ubatch: int = 0, flash_attn: bool = False, runtime: int = 0) -> MemoryEstimate:
     """What a context of ``n_ctx`` tokens needs for the model described by ``meta`` (GGUF
     metadata) whose weights take ``weights_bytes`` (the file size). The compute buffer is
-    estimated when ``n_vocab`` and ``n_ubatch`` are given."""
+    estimated when ``n_ubatch`` (the batch size) is given."""
     kind = kv_cache_type(kv_cache)
     per_token = kv_bytes_per_token(meta, kind)
-    compute = compute_bytes(meta, n_ctx, n_vocab=n_vocab, n_ubatch=n_ubatch, flash_attn=flash_attn) if n_vocab and n_ubatch else 0
+    compute = compute_bytes(meta, n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn) if n_ubatch else 0
     return MemoryEstimate(n_ctx=n_ctx, weights=int(weights_bytes), kv_cache=per_token * n_ctx, kv_per_token=per_token,
                           kv_type=kind.name, repacked=int(repacked), compute=compute, runtime=int(runtime))
 

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from edge.backends.base import BackendInfo
-from edge.backends.context import RUNTIME_BYTES, check_context, estimate_memory, kv_cache_type, n_vocab_of, repack_rules, repacked_bytes
+from edge.backends.context import RUNTIME_BYTES, check_context, estimate_memory, kv_cache_type, repack_rules, repacked_bytes
 from edge.backends.cpu import check_threads, default_threads
 from edge.backends.devices import LLAMACPP_DEVICES
 from edge.backends.gguf_meta import read_gguf, read_metadata, trained_context
@@ -216,11 +216,10 @@ class LlamaCppBackend:
         llama_cpp = _llama_cpp()
         # on a CPU the weights are mapped and some also copied into a repacked layout
         repacked = repacked_bytes(tensors, repack_rules(llama_cpp.llama_print_system_info().decode(errors="replace"))) if layers == 0 else 0
-        n_vocab = n_vocab_of(meta, tensors)
 
         def estimate_at(n: int):
-            return estimate_memory(meta, n, path.stat().st_size, kv_cache=kv, repacked=repacked, n_vocab=n_vocab,
-                                   n_ubatch=min(n_batch, n), flash_attn=flash_attn, runtime=RUNTIME_BYTES)
+            return estimate_memory(meta, n, path.stat().st_size, kv_cache=kv, repacked=repacked, n_ubatch=min(n_batch, n),
+                                   flash_attn=flash_attn, runtime=RUNTIME_BYTES)
 
         # before anything is allocated: beyond the trained length only when asked for, and never
         # more than memory holds (weights and KV cache live in host memory on CPU and Apple GPUs;
