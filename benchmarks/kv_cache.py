@@ -91,7 +91,10 @@ def spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
 
 
-def run_trace(model: str, *, tokens: int, depths: list[int], decode: int, rounds: int, threads: int, progress=print) -> dict:
+def run_trace(model: str, *, tokens: int, depths: list[int], decode: int, rounds: int, threads: int, progress=print,
+              checkpoint=None) -> dict:
+    """The trace pass; ``checkpoint(result)`` is called with the results so far after every
+    chunk (a long pass on a busy machine keeps what it measured)."""
     from edge.backends.llamacpp import LlamaCppBackend
 
     n_ctx = max(tokens, max(depths)) + decode + 16
@@ -145,19 +148,23 @@ def run_trace(model: str, *, tokens: int, depths: list[int], decode: int, rounds
                 row = {"depth": done, "tok_s": {n: spread(v) for n, v in per.items()}, "ratio_to_f16": {n: spread(v) for n, v in ratio.items()}}
                 speed.append(row)
                 progress(f"depth {done}: " + ", ".join(f"{n} {row['tok_s'][n]['median']:.2f} tok/s" for n in names))
-            if done % 2048 == 0 or done == len(ids) - 1:
+            if done % 1024 == 0 or done == len(ids) - 1:
                 progress(f"scored {done} tokens: " + ", ".join(f"{n} top-1 {np.mean(top1[n]):.4f} KL {np.mean(kl[n]):.5f}" for n in names[1:]))
+            result = {"model": Path(model).name, "tokens": len(ids), "scored": done, "complete": done == len(ids) - 1,
+                      "threads": threads, "decode_tokens": decode, "rounds": rounds,
+                      "text": "benchmarks/data/aime24.jsonl problems and solutions as a chat, file order",
+                      "quality_vs_f16": _quality(kl, top1), "quality_vs_f16_fa": _quality(kl_fa, top1_fa), "decode": speed}
+            if checkpoint is not None:
+                checkpoint(result)
     finally:
         for b in backends.values():
             b.close()
+    return result
 
-    def stats(d_kl, d_top):
-        return {n: {"positions": len(d_kl[n]), "top1_agreement": float(np.mean(d_top[n])), "kl_mean": float(np.mean(d_kl[n])),
-                    "kl_p99": float(np.quantile(d_kl[n], 0.99)), "kl_max": float(np.max(d_kl[n]))} for n in d_kl}
 
-    return {"model": Path(model).name, "tokens": len(ids), "threads": threads, "decode_tokens": decode, "rounds": rounds,
-            "text": "benchmarks/data/aime24.jsonl problems and solutions as a chat, file order",
-            "quality_vs_f16": stats(kl, top1), "quality_vs_f16_fa": stats(kl_fa, top1_fa), "decode": speed}
+def _quality(d_kl: dict, d_top: dict) -> dict:
+    return {n: {"positions": len(d_kl[n]), "top1_agreement": float(np.mean(d_top[n])), "kl_mean": float(np.mean(d_kl[n])),
+                "kl_p99": float(np.quantile(d_kl[n], 0.99)), "kl_max": float(np.max(d_kl[n]))} for n in d_kl}
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -228,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(a.model, a.kv, a.ctx, a.threads, a.fill)))
         return 0
     if a.mode == "trace":
+        save = (lambda r: atomic_write(a.out, json.dumps(r, indent=1))) if a.out else None
         res = run_trace(a.model, tokens=a.tokens, depths=[int(d) for d in a.depths.split(",")], decode=a.decode, rounds=a.rounds,
-                        threads=a.threads, progress=log)
+                        threads=a.threads, progress=log, checkpoint=save)
     else:
         res = {"model": Path(a.model).name, "threads": a.threads, "rows": run_memory(a.model, a.configs.split(","), a.threads, not a.no_fill, log)}
     text = json.dumps(res, indent=1)
