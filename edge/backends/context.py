@@ -263,10 +263,11 @@ CTX_STEP = 256  # llama.cpp rounds its KV cache up to 256 cells
 
 
 def auto_margin(available: int) -> int:
-    """Memory ``--ctx auto`` leaves unused: 10% of what is available, at least 256 MiB. It covers
-    the estimate's error (measured within 5% of the peak RSS on Qwen2.5-1.5B, see
-    benchmarks/results/kv-cache.md) and the growth of the rest of the machine meanwhile, so the
-    kernel need not evict the memory-mapped weights, which are read at every token."""
+    """Memory ``--ctx auto`` leaves unused: 10% of what is available, at least 256 MiB. The
+    estimate itself is close (within 0.5% of the peak RSS of generation on Qwen2.5-1.5B for every
+    KV type, benchmarks/results/kv-cache.md); the margin is for what it leaves out (a caller
+    asking for the logits of a whole batch: +0.6 GiB there; other programs growing meanwhile), so
+    that the kernel need not evict the memory-mapped weights, which are read at every token."""
     return max(256 * MiB, available // 10)
 
 
