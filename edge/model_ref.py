@@ -80,7 +80,7 @@ def _threads_help() -> str:
 
 LOCAL_OPTIONS = ("n_ctx", "ctx_beyond_training", "threads", "device")
 BACKEND_OPTIONS: dict[str, tuple[str, ...]] = {
-    "llamacpp": (*LOCAL_OPTIONS, "gpu_layers"),
+    "llamacpp": (*LOCAL_OPTIONS, "gpu_layers", "kv_cache"),
     "onnx": LOCAL_OPTIONS,
     "remote": ("n_ctx", "timeout"),  # the model reference is the server's URL, passed as given
 }
@@ -102,9 +102,13 @@ class ModelSpec:
     model: str | None = field(default=None, metadata=offered(
         "-m", "--model", help="GGUF path, ONNX folder, or owner/repo:file.gguf (default: the bundled tiny-r1)."))
     backend: str = field(default="llamacpp", metadata=offered("--backend", help="llamacpp | onnx | remote"))
-    n_ctx: int | None = field(default=None, metadata=offered(
+    n_ctx: int | str | None = field(default=None, metadata=offered(
         "--ctx", help="Context size in tokens (default: 4096, or the model's trained length if smaller); refused beyond the trained "
-                      "length or when the KV cache and weights would not fit in memory."))
+                      "length or when the KV cache and weights would not fit in memory. 'auto': the largest that fits the free "
+                      "memory, up to the trained length (the estimate is printed before loading)."))
+    kv_cache: str = field(default="f16", metadata=offered(
+        "--kv-cache", metavar="f16|q8_0|q4_0",
+        help="KV cache type (llama.cpp): q8_0 halves its memory, q4_0 quarters it, with flash attention on."))
     ctx_beyond_training: bool = field(default=False, metadata=offered(
         "--ctx-beyond-training", help="Allow a --ctx above the model's trained length (its output degrades there)."))
     threads: int | None = field(default=None, metadata=offered("--threads", help=_threads_help))
@@ -127,6 +131,8 @@ class ModelSpec:
             raise ConfigError(f"unknown device {self.device!r}; choose one of: {', '.join(KNOWN_DEVICES)}", param="device")
         if self.timeout is not None and self.backend != "remote":
             raise ConfigError("--timeout applies to --backend remote only", param="timeout")
+        if self.backend != "llamacpp" and (str(self.kv_cache).lower() != "f16" or self.n_ctx == "auto"):
+            raise ConfigError("--kv-cache and --ctx auto apply to --backend llamacpp only", param="kv_cache")
 
     @classmethod
     def of(cls, model: Any = None, **kw: Any) -> "ModelSpec":

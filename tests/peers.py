@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -19,17 +18,7 @@ from pathlib import Path
 
 import pytest
 
-CACHE = Path.home() / ".cache" / "edge-reason" / "bin"
-ENV = {"llama-server": "EDGE_LLAMA_SERVER", "llama-bench": "EDGE_LLAMA_BENCH"}
-
-
-def find_peer(name: str) -> Path | None:
-    """The path of llama.cpp's ``name`` program, or None."""
-    explicit = os.environ.get(ENV[name])
-    if explicit:
-        return Path(explicit) if os.access(explicit, os.X_OK) else None
-    built = [p for p in CACHE.glob(f"llama-*/{name}") if os.access(p, os.X_OK)]
-    return max(built, key=lambda p: p.stat().st_mtime) if built else None
+from edge.benchmarks.bench.peers import ENV, find_peer, free_port  # noqa: F401  (the suite finds them the same way)
 
 
 def require_peer(name: str) -> Path:
@@ -43,12 +32,6 @@ def require_peer(name: str) -> Path:
             pytest.fail(f"{why}; CI must run these tests", pytrace=False)
         pytest.skip(why)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:

@@ -109,6 +109,21 @@ def overhead_rows(records: Sequence[dict[str, Any]]) -> list[Row]:
     return rows
 
 
+def peers_rows(records: Sequence[dict[str, Any]]) -> list[Row]:
+    rows = []
+    for r in records:
+        res = r["results"].get("peers")
+        for c in (res or {}).get("contenders", []):
+            rows.append({"device · quant": entry(r), "model": r["model"].get("name") or r["model"]["file"], "threads": res["threads"],
+                         "tokens": res["tokens"], "rounds": res["rounds"], "contender": c["name"],
+                         "decode tok/s": _fmt_spread(c["decode_tok_s"]),
+                         "decode / edge-reason": _fmt_spread(c["decode_ratio_to_edge"], digits=3),
+                         "prefill tok/s": _fmt_spread(c.get("prefill_tok_s")),
+                         "prefill / edge-reason": _fmt_spread(c.get("prefill_ratio_to_edge"), digits=3),
+                         "same tokens": {True: "yes", False: "no"}.get(c.get("same_tokens"))})
+    return rows
+
+
 def reasoning_rows(records: Sequence[dict[str, Any]]) -> list[Row]:
     rows = []
     for r in records:
@@ -169,6 +184,10 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
          "runs the think parser plus a budget and an early-exit controller that never fire; edge/bare is the median "
          "of the per-pair ratios (> 1: edge-reason is faster)."),
         ("Reasoning", reasoning_rows, "Accuracy and thinking cost per policy; times are medians per problem."),
+        ("Peers: llama.cpp's programs and bare llama-cpp-python", peers_rows,
+         "One GGUF, the same threads and prompt, greedy, interleaved rounds in a rotating order; each ratio is the median "
+         "[min–max] of per-round ratios to edge-reason (plain) in the same round (> 1: the contender is faster). llama-bench "
+         "decodes from an empty context (its tg test), the others after the prompt; llama-server by its own timings."),
     )
     for title, fn, note in sections:
         rows = fn(records)

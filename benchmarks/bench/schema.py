@@ -23,7 +23,8 @@ from edge.files import atomic_write, refuse_existing
 
 SCHEMA_VERSION = 1
 KIND = "edge-reason-bench"
-SUITES = ("throughput", "overhead", "reasoning")
+SUITES = ("throughput", "overhead", "reasoning", "peers")
+DEFAULT_SUITES = ("throughput", "overhead", "reasoning")  # "all"; peers needs llama.cpp's programs built
 DEVICE_CLASSES = ("phone", "tablet", "laptop", "desktop", "server", "unknown")
 
 
@@ -125,6 +126,14 @@ REASONING = _obj(
     {"threads": INT, "max_tokens": INT, "energy_joules": NUM_OR_NULL},
 )
 
+PEERS = _obj({
+    "threads": INT, "tokens": INT, "prompt_tokens": INT, "rounds": INT,
+    "contenders": _t("array", minItems=1, items=_obj(
+        {"name": STR, "decode_tok_s": SPREAD, "decode_ratio_to_edge": SPREAD},
+        {"prefill_tok_s": SPREAD, "prefill_ratio_to_edge": SPREAD, "same_tokens": BOOL_OR_NULL},
+    )),
+})
+
 RECORD = _obj(
     {
         "schema_version": _t("integer", enum=[SCHEMA_VERSION]),
@@ -133,7 +142,7 @@ RECORD = _obj(
         "device": DEVICE,
         "model": MODEL,
         "config": _t("object"),
-        "results": _obj({}, {"throughput": THROUGHPUT, "overhead": OVERHEAD, "reasoning": REASONING}, minProperties=1),
+        "results": _obj({}, {"throughput": THROUGHPUT, "overhead": OVERHEAD, "reasoning": REASONING, "peers": PEERS}, minProperties=1),
     },
     {"duration_seconds": NUM, "power": _t("object"), "argv": _t("array", items=STR), "notes": STR_OR_NULL,
      "conditions": _t("object", properties={"load_average_start": _t("array", "null", items=NUM),

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from edge.benchmarks.bench import fingerprint
-from edge.benchmarks.bench.schema import KIND, SCHEMA_VERSION, SUITES
+from edge.benchmarks.bench.schema import DEFAULT_SUITES, KIND, SCHEMA_VERSION, SUITES
 from edge.benchmarks.overhead import OVERHEAD_CONTROLLERS, quiet_controllers
 from edge.errors import BackendError, ConfigError
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class BenchConfig:
     """Everything a run measures; :meth:`quick` is the under-a-minute variant."""
 
-    suites: tuple[str, ...] = SUITES
+    suites: tuple[str, ...] = DEFAULT_SUITES
     threads: tuple[int, ...] = ()  # () -> the physical core count
     gpu_layers: tuple[int, ...] = ()  # () -> 0 on CPU builds; (0, -1) where a GPU is offloadable
     n_ctx: int = 4096
@@ -455,6 +455,13 @@ def run(model: str | os.PathLike | None, cfg: BenchConfig, *, progress: Progress
         results["overhead"] = overhead(path, cfg, threads if not cfg.quick else threads[:1], n_ctx, progress)
     if "reasoning" in cfg.suites:
         results["reasoning"] = reasoning(path, cfg, threads[-1], layers[-1], n_ctx, progress)
+    if "peers" in cfg.suites:
+        from edge.benchmarks.bench.peers import run_peers
+
+        progress(f"peers threads={threads[0]}: llama-bench, llama-server, llama-cpp-python and edge-reason, "
+                 f"{cfg.repeats} rounds x {cfg.overhead_tokens} tokens, interleaved")
+        results["peers"] = run_peers(path, threads=threads[0], tokens=cfg.overhead_tokens, rounds=cfg.repeats,
+                                     n_ctx=min(2048, n_ctx), progress=progress)
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,46 @@ class _Cursor:
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of a GGUF file's tensor table: name, ggml type id and shape (GGUF order:
+    ``shape[0]`` is the row length)."""
+
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def n_bytes(self) -> int:
+        """Bytes of the tensor's data (0 for a type the gguf package does not know)."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        try:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(self.ggml_type)]
+        except (ValueError, KeyError):
+            return 0
+        return self.n_elements // block * size
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of the GGUF file at ``path`` (an :class:`InvalidModelError` when the header
     is not GGUF, is truncated or is malformed)."""
+    return _read(path, tensors=False)[0]
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """The metadata and the tensor table (names, types, shapes; no tensor data) of a GGUF file."""
+    return _read(path, tensors=True)
+
+
+def _read(path: str | os.PathLike, *, tensors: bool) -> tuple[dict[str, Any], list[TensorInfo]]:
     p = Path(path)
     with open(p, "rb") as f:
         if os.fstat(f.fileno()).st_size < 24:
@@ -97,18 +135,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             cur = _Cursor(buf, endian)
             cur.pos = 8
             meta: dict[str, Any] = {}
+            table: list[TensorInfo] = []
             try:
-                cur.take("Q")  # tensor count
+                n_tensors = cur.take("Q")
                 for _ in range(cur.take("Q")):
                     key = cur.string()
                     value = cur.value(cur.take("I"))
                     if value is not None:
                         meta[key] = value
+                # the tensor table follows the metadata: name, dimensions, type, data offset
+                for _ in range(n_tensors if tensors else 0):
+                    name = cur.string()
+                    shape = tuple(cur.take("Q") for _ in range(cur.take("I")))
+                    table.append(TensorInfo(name, cur.take("I"), shape))
+                    cur.take("Q")
             except _Truncated:
                 raise InvalidModelError(f"{p} is truncated (its metadata ends early); download or convert it again") from None
             except (ValueError, OverflowError, MemoryError) as exc:
                 raise InvalidModelError(f"{p} has malformed GGUF metadata ({exc})") from None
-            return meta
+            return meta, table
 
 
 def arch_value(meta: dict[str, Any], key: str, default: Any = None) -> Any:

@@ -25,10 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from edge.backends.base import BackendBase, BackendInfo, token_text
-from edge.backends.context import check_context
+from edge.backends.context import RUNTIME_BYTES, check_context, estimate_memory, kv_cache_type, repack_rules, repacked_bytes
 from edge.backends.cpu import check_threads, default_threads
 from edge.backends.devices import LLAMACPP_DEVICES
-from edge.backends.gguf_meta import read_metadata, trained_context
+from edge.backends.gguf_meta import read_gguf, trained_context
 from edge.errors import BackendError, ConfigError, InvalidModelError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,25 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
     if magic != b"GGUF":
         raise InvalidModelError(f"{p} is not a GGUF file (bad magic {magic!r})")
     return p
+
+
+def check_n_ctx(n_ctx: int | str | None) -> int | str | None:
+    """A context size as given: None (the default), ``"auto"`` or a number of tokens >= 16
+    (an integer, or its digits); anything else is a :class:`ConfigError`."""
+    if n_ctx is None or n_ctx == "auto":
+        return n_ctx
+    if isinstance(n_ctx, str):
+        text = n_ctx.strip().lower()
+        if text == "auto":
+            return "auto"
+        if not text.isdigit():
+            raise ConfigError(f"--ctx takes a number of tokens or 'auto', got {n_ctx!r}", param="n_ctx")
+        n_ctx = int(text)
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int):
+        raise ConfigError(f"--ctx takes a number of tokens or 'auto', got {n_ctx!r}", param="n_ctx")
+    if n_ctx < 16:
+        raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}", param="n_ctx")
+    return n_ctx
 
 
 def offload_supported() -> bool:
@@ -163,36 +182,52 @@ class LlamaCppBackend(BackendBase):
         self,
         model: str | os.PathLike,
         *,
-        n_ctx: int | None = None,
+        n_ctx: int | str | None = None,
         threads: int | None = None,
         device: str = "auto",
         gpu_layers: int | None = None,
         n_batch: int = 512,
         seed: int = 0,
-        flash_attn: bool = False,
+        flash_attn: bool | None = None,
+        kv_cache: str = "f16",
         ctx_beyond_training: bool = False,
     ) -> None:
-        if n_ctx is not None and n_ctx < 16:
-            raise ConfigError(f"context size must be >= 16 tokens, got {n_ctx}")
+        n_ctx = check_n_ctx(n_ctx)
+        kv = kv_cache_type(kv_cache)
+        if kv.quantized and flash_attn is False:
+            raise ConfigError(f"a {kv.name} KV cache needs flash attention (llama.cpp stores a quantized V cache only with it); "
+                              "leave flash attention on or use --kv-cache f16", param="kv_cache")
+        # llama.cpp's default is off here: its rounding differs, and greedy replies with it
+        flash_attn = kv.quantized if flash_attn is None else flash_attn
         check_threads(threads)
         path = check_gguf_file(model)
-        meta = read_metadata(path)
+        meta, tensors = read_gguf(path)
+        ctx_source = "auto" if n_ctx == "auto" else "given" if n_ctx is not None else "default"
         if n_ctx is None:
             # default: 4096, or less when the model was trained for less
             trained = trained_context(meta)
             n_ctx = min(DEFAULT_CTX, trained) if trained > 0 else DEFAULT_CTX
         used_device, layers = resolve_device(device, gpu_layers)
+        llama_cpp = _llama_cpp()
+        # on a CPU the weights are mapped and some also copied into a repacked layout
+        repacked = repacked_bytes(tensors, repack_rules(llama_cpp.llama_print_system_info().decode(errors="replace"))) if layers == 0 else 0
+
+        def estimate_at(n: int):
+            return estimate_memory(meta, n, path.stat().st_size, kv_cache=kv, repacked=repacked, n_ubatch=min(n_batch, n),
+                                   flash_attn=flash_attn, runtime=RUNTIME_BYTES)
+
         # before anything is allocated: beyond the trained length only when asked for, and never
         # more than memory holds (weights and KV cache live in host memory on CPU and Apple GPUs;
         # a discrete GPU's memory is not known here)
-        check_context(meta, n_ctx, path.stat().st_size, beyond_training=ctx_beyond_training,
-                      check_host_memory=used_device in ("cpu", "metal"))
+        note = f"KV cache {kv.name} with flash attention (llama.cpp needs it for a quantized V cache)" if kv.quantized else ""
+        estimate = check_context(meta, n_ctx, path.stat().st_size, beyond_training=ctx_beyond_training,
+                                 check_host_memory=used_device in ("cpu", "metal"), estimate_at=estimate_at, note=note)
+        n_ctx = estimate.n_ctx
         # default: one thread per performance core to decode, every physical core for batches
         # (llama-cpp-python's own default, cpu_count() // 2, idles half of a 1-thread-per-core machine)
         auto = default_threads()
         n_threads = threads if threads is not None else auto.decode
         n_threads_batch = threads if threads is not None else auto.batch
-        llama_cpp = _llama_cpp()
         self._lib = llama_cpp
         try:
             self._llm = _llama_class(llama_cpp)(
@@ -204,6 +239,8 @@ class LlamaCppBackend(BackendBase):
                 n_gpu_layers=layers,
                 seed=seed,
                 flash_attn=flash_attn,
+                type_k=kv.ggml_type,
+                type_v=kv.ggml_type,
                 logits_all=False,
                 verbose=False,
             )
@@ -253,6 +290,10 @@ class LlamaCppBackend(BackendBase):
                 "n_layers": n_layers,
                 "threads_batch": int(self._llm.context_params.n_threads_batch),
                 "threads_source": "--threads" if threads is not None else auto.source,
+                "kv_cache": kv.name,
+                "flash_attn": bool(flash_attn),
+                "ctx_source": ctx_source,
+                "memory_estimate_bytes": estimate.total,
             },
         )
 

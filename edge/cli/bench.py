@@ -17,7 +17,7 @@ import click
 
 from edge.errors import ConfigError
 
-SUITE_CHOICES = ("throughput", "overhead", "reasoning", "all")
+SUITE_CHOICES = ("throughput", "overhead", "reasoning", "peers", "all")
 
 
 class DefaultRunGroup(click.Group):
@@ -63,7 +63,7 @@ def parse_suites(value: str) -> tuple[str, ...]:
     if bad or not names:
         raise ConfigError(f"unknown suite {', '.join(bad) or '(none)'}; choose from: {', '.join(SUITE_CHOICES)} (comma-separated)")
     if "all" in names:
-        return ("throughput", "overhead", "reasoning")
+        names = ["throughput", "overhead", "reasoning", *(n for n in names if n == "peers")]
     return tuple(dict.fromkeys(names))
 
 
@@ -80,7 +80,9 @@ def bench() -> None:
 
 @bench.command("run")
 @click.argument("model", required=False)
-@click.option("--suite", "suite", default="all", show_default=True, help="throughput | overhead | reasoning | all (comma-separated).")
+@click.option("--suite", "suite", default="all", show_default=True,
+              help="throughput | overhead | reasoning | peers | all (comma-separated; all = the first three). peers: llama-bench, "
+                   "llama-server and bare llama-cpp-python against edge-reason, interleaved (needs `bash .ci/build-peers`).")
 @click.option("--quick", is_flag=True, help="Short lengths, few repeats, one problem per level: about a minute on a small model.")
 @click.option("--threads", callback=int_list("--threads"), default=None, help="Thread counts to compare, e.g. 1,2,4 (default: physical cores).")
 @click.option("--gpu-layers", callback=int_list("--gpu-layers", allow_negative=True), default=None,
@@ -89,8 +91,8 @@ def bench() -> None:
 @click.option("--prompt-lengths", callback=int_list("--prompt-lengths"), default=None, help="Prefill lengths (default 128,512,2048).")
 @click.option("--depths", callback=int_list("--depths"), default=None, help="Context depths for decode speed (default 64,512,2048).")
 @click.option("--decode-tokens", type=int, default=None, help="Tokens per decode run (default 128, 32 with --quick).")
-@click.option("--repeats", type=int, default=None, help="Measured runs per figure, overhead included (default 5, 3 with --quick).")
-@click.option("--overhead-tokens", type=int, default=None, help="Tokens per overhead run (default 128, 32 with --quick).")
+@click.option("--repeats", type=int, default=None, help="Measured runs per figure, overhead and peer rounds included (default 5, 3 with --quick).")
+@click.option("--overhead-tokens", type=int, default=None, help="Tokens per overhead and peers run (default 128, 32 with --quick).")
 @click.option("--warmup", type=int, default=None, help="Unmeasured warm-up runs per figure (default 1).")
 @click.option("--task", default=None, help="Reasoning task (default tiny-r1): tiny-r1 | gsm8k | math500 | aime24 | amc23.")
 @click.option("--per-level", type=int, default=None, help="Reasoning problems per difficulty level (default 2, 1 with --quick).")
@@ -122,6 +124,10 @@ def run_cmd(model, suite, quick, threads, gpu_layers, n_ctx, prompt_lengths, dep
         for spec in cfg.policies:
             harness.parse_policies(spec)
         suites.reasoning_items(cfg)
+    if "peers" in cfg.suites:  # fail on missing programs now, not after the other suites
+        from edge.benchmarks.bench.peers import require_peers
+
+        require_peers()
     if out is not None:
         schema.check_output_path(out, force=force)
     progress = suites.Progress(enabled=not quiet)

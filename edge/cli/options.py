@@ -8,6 +8,8 @@ default, so an option is declared once, with the value it sets."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -59,8 +61,19 @@ def options_from(cls: type, overrides: Mapping[str, Mapping[str, Any]] | None = 
     return decorate
 
 
+class CtxType(click.ParamType):
+    """``--ctx``: a number of tokens or ``auto``; anything else is one line and exit 2."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        from edge.backends.llamacpp import check_n_ctx
+
+        return check_n_ctx(value)
+
+
 def model_options(f: Callable) -> Callable:
-    return options_from(ModelSpec)(f)
+    return options_from(ModelSpec, {"n_ctx": {"type": CtxType()}})(f)
 
 
 sampling_options = options_from(SamplingParams)
@@ -84,5 +97,32 @@ def open_runtime(kw: dict[str, Any], **runtime: Any):
     spec = pop_model_spec(kw)
     from edge.runtime import Runtime
 
-    return Runtime(spec, **runtime)
+    with _estimate_on_stderr(spec.n_ctx == "auto" or str(spec.kv_cache).lower() != "f16"):
+        return Runtime(spec, **runtime)
+
+
+class _PlainInfo(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if record.levelno == logging.INFO else f"{record.levelname} {record.name}: {record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _estimate_on_stderr(show: bool):
+    """The memory estimate the backend logs before loading, as one plain line on stderr."""
+    logger = logging.getLogger("edge.backends.context")
+    if not show:
+        yield
+        return
+    handler = logging.StreamHandler()  # the line plain; warnings as the root logger shows them
+    handler.setFormatter(_PlainInfo())
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
