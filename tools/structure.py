@@ -1,6 +1,6 @@
 """Structure figures of the source tree: the longest functions, the files over a size, and the
 import circles between modules (pairs or longer cycles of modules that import each other,
-counting imports inside functions too).
+counting imports inside functions too, but not those under ``if TYPE_CHECKING:``).
 
     python tools/structure.py [--top 10] [--over 400]
 
@@ -55,7 +55,13 @@ def functions(tree: ast.AST, rel: str):
 def imports(tree: ast.AST, mod: str, is_pkg: bool, known: set[str]) -> set[str]:
     out = set()
     base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    typing_only = set()
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports run nothing: not an import circle
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            typing_only.update(id(n) for b in node.body for n in ast.walk(b))
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

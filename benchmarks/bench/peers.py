@@ -121,7 +121,7 @@ def llama_bench(binary: Path, model: str, *, threads: int, prompt_tokens: int, t
 
 
 def _spread(xs: list[float]) -> dict[str, Any]:
-    from edge.benchmarks.bench.suites import spread
+    from edge.benchmarks.bench.stats import spread
 
     return spread(xs)
 

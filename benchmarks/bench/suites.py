@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from edge.benchmarks.bench import fingerprint
+from edge.benchmarks.bench.stats import spread
 from edge.benchmarks.bench.schema import DEFAULT_SUITES, KIND, SCHEMA_VERSION, SUITES
 from edge.benchmarks.overhead import OVERHEAD_CONTROLLERS, quiet_controllers
 from edge.errors import BackendError, ConfigError
@@ -90,17 +91,6 @@ class BenchConfig:
 
 
 # -- small helpers -------------------------------------------------------------------------------
-
-def spread(values: Sequence[float]) -> dict[str, Any]:
-    """Median, min/max and quartiles of repeated measurements."""
-    vs = [float(v) for v in values]
-    if not vs:
-        raise ValueError("no measurements")
-    q1, q3 = (statistics.quantiles(vs, n=4, method="inclusive")[::2] if len(vs) > 1 else (vs[0], vs[0]))
-    r = lambda x: round(x, 6)  # noqa: E731
-    return {"median": r(statistics.median(vs)), "min": r(min(vs)), "max": r(max(vs)), "q1": r(q1), "q3": r(q3),
-            "n": len(vs), "values": [r(v) for v in vs]}
-
 
 class Progress:
     """One line per step on stderr, stamped with the time since the run began."""
