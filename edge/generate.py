@@ -188,7 +188,7 @@ class Loop:
         self.t0 = time.perf_counter()
         self.params, self.parser, self.controllers, self.cancel = params, parser, tuple(controllers), cancel
         self.stats = Stats(backend=backend.info.to_dict())
-        self.state = RunState(backend, self.stats)  # what the loop changes; controllers see it through:
+        self.state = RunState(backend, self.stats)  # what the loop changes; controllers read it via gen
         self.gen = Generation(backend, params, parser, self.stats, self.state)
         self.backend = backend  # a speculative wrapper of it once prefilled, with speculation on
         self.sample = make_sampler(params).sample  # a bound method calls faster than __call__
@@ -226,7 +226,7 @@ class Loop:
         """The reply's events; the last is always :class:`~edge.events.Done`."""
         self.prefill(prompt_tokens, cache, speculation)
         yield from self.start()
-        state, parser, emitter, stats, history = self.state, self.parser, self.emitter, self.stats, self.history
+        gen, state, parser, emitter, stats, history = self.gen, self.state, self.parser, self.emitter, self.stats, self.history
         max_tokens, n_ctx, cancel = self.params.max_tokens, self.backend.n_ctx, self.cancel
         eos, ignore_eos, report_logprobs = self.backend.eos_token_ids, self.params.ignore_eos, self.params.logprobs
         while True:
@@ -237,10 +237,14 @@ class Loop:
                 finish = "length"
                 break
             sampled: Sampled = self.sample(state.logits, history, self.want_logprob)
-            # controllers may replace the sampled token with their text (or stop)
-            hooks = self.token_hooks[parser.thinking]
-            action = self.ask(hooks, sampled) if hooks else None
-            if hooks and state.events:
+            # controllers may replace the sampled token with their text (or stop): the first
+            # one that acts decides
+            action = None
+            for c in self.token_hooks[parser.thinking]:
+                action = c.on_token(gen, sampled)
+                if action is not None:
+                    break
+            if state.events:
                 yield from self.take_events()
             if action is not None:
                 yield from self.apply(action)
@@ -282,14 +286,6 @@ class Loop:
         """The events controllers emitted since the last call."""
         events, self.state.events = self.state.events, []
         return events
-
-    def ask(self, hooks: Sequence[Controller], sampled: Sampled) -> Action | None:
-        """The first action a controller takes on the sampled token, if any."""
-        for c in hooks:
-            action = c.on_token(self.gen, sampled)
-            if action is not None:
-                return action
-        return None
 
     def react(self, hooks: Sequence[Controller], token: int) -> tuple[Action | None, list[Event]]:
         """Controllers see the committed ``token``; the first action taken (applied), and the
