@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from edge.backends.base import Backend, common_prefix
-from edge.control.base import Action, Controller, Generation
+from edge.control.base import Action, Controller, Generation, RunState
 from edge.errors import ContextLengthError, PromptError
 from edge.events import (
     Alternative,
@@ -79,15 +79,15 @@ class _Emitter:
         self.held = ""
         self.stopped = False
 
-    def pieces(self, gen: Generation, pieces: Sequence[tuple[str, str]], final: bool = False) -> list[Event]:
+    def pieces(self, state: RunState, pieces: Sequence[tuple[str, str]], final: bool = False) -> list[Event]:
         if len(pieces) == 1 and pieces[0][0] == self.block and not final and not self.stopped:
             # one piece continuing the current block (nearly every token): nothing to trim
             kind, text = pieces[0]
             if kind == THINKING:
-                gen.add_text(THINKING, text)
+                state.thinking_text += text
                 return [ThinkingDelta(text)]
             if not self.stop:
-                gen.add_text(ANSWER, text)
+                state.answer_text += text
                 return [AnswerDelta(text)]
         out: list[Event] = []
         for kind, text in pieces:
@@ -102,16 +102,16 @@ class _Emitter:
                     continue
                 self.block = kind
             if kind == THINKING:
-                gen.add_text(THINKING, text)
+                state.thinking_text += text
                 out.append(ThinkingDelta(text))
             else:
-                out.extend(self._answer(gen, text))
+                out.extend(self._answer(state, text))
         if final and self.held and not self.stopped:
             out.append(AnswerDelta(self.held))
             self.held = ""
         return out
 
-    def _answer(self, gen: Generation, text: str) -> list[Event]:
+    def _answer(self, state: RunState, text: str) -> list[Event]:
         buf = self.held + text
         self.held = ""
         for s in self.stop:
@@ -127,7 +127,7 @@ class _Emitter:
                         keep = n
                         break
             self.held, buf = buf[len(buf) - keep :], buf[: len(buf) - keep]
-        gen.add_text(ANSWER, buf)
+        state.answer_text += buf
         return [AnswerDelta(buf)] if buf else []
 
 
@@ -188,12 +188,12 @@ class Loop:
         self.t0 = time.perf_counter()
         self.params, self.parser, self.controllers, self.cancel = params, parser, tuple(controllers), cancel
         self.stats = Stats(backend=backend.info.to_dict())
-        self.gen = Generation(backend, params, parser, self.stats)
+        self.state = RunState(backend, self.stats)  # what the loop changes; controllers read it via gen
+        self.gen = Generation(backend, params, parser, self.stats, self.state)
         self.backend = backend  # a speculative wrapper of it once prefilled, with speculation on
         self.sample = make_sampler(params).sample  # a bound method calls faster than __call__
         self.emitter = _Emitter(params.stop)
         self.decoder = _decoder()
-        self.pending = False  # the last tokens end inside a UTF-8 character (as gen.pending_bytes)
         self.token_bytes = backend.token_bytes
         self.whole: dict[int, str] = {}  # tokens whose bytes are complete UTF-8 on their own -> text
         tags = parser.tags
@@ -209,14 +209,12 @@ class Loop:
         """Bring the cache to the prompt (see :func:`prefill`) and set up speculation."""
         backend, stats = self.backend, self.stats
         self.history = list(prompt_tokens)  # mirrors the backend's cache between steps
-        self.logits, reused = prefill(backend, prompt_tokens, cache)
-        self.gen.set_logits(self.logits)
+        self.state.logits, reused = prefill(backend, prompt_tokens, cache)
         # tokens are committed through `self.eval`; with speculation, a wrapper that serves them
         # from verified draft rows and shows everyone else the cache of committed tokens only
         self.spec = Speculator(backend, speculation, limit=self.params.max_tokens) if self.params.speculate else None
         if self.spec is not None:
-            self.backend = self.spec
-            self.gen.set_backend(self.spec)
+            self.backend = self.state.backend = self.spec
         self.eval = self.spec.step if self.spec is not None else backend.eval
         self.t_prefill = time.perf_counter()
         stats.prompt_tokens = len(prompt_tokens)
@@ -228,7 +226,7 @@ class Loop:
         """The reply's events; the last is always :class:`~edge.events.Done`."""
         self.prefill(prompt_tokens, cache, speculation)
         yield from self.start()
-        gen, parser, emitter, stats, history = self.gen, self.parser, self.emitter, self.stats, self.history
+        gen, state, parser, emitter, stats, history = self.gen, self.state, self.parser, self.emitter, self.stats, self.history
         max_tokens, n_ctx, cancel = self.params.max_tokens, self.backend.n_ctx, self.cancel
         eos, ignore_eos, report_logprobs = self.backend.eos_token_ids, self.params.ignore_eos, self.params.logprobs
         while True:
@@ -238,12 +236,16 @@ class Loop:
             if stats.thinking_tokens + stats.answer_tokens >= max_tokens or len(history) >= n_ctx:
                 finish = "length"
                 break
-            sampled: Sampled = self.sample(self.logits, history, self.want_logprob)
-            # controllers may replace the sampled token with their text (or stop)
-            hooks = self.token_hooks[parser.thinking]
-            action = self.ask(hooks, sampled) if hooks else None
-            if hooks:
-                yield from gen.take_events()
+            sampled: Sampled = self.sample(state.logits, history, self.want_logprob)
+            # controllers may replace the sampled token with their text (or stop): the first
+            # one that acts decides
+            action = None
+            for c in self.token_hooks[parser.thinking]:
+                action = c.on_token(gen, sampled)
+                if action is not None:
+                    break
+            if state.events:
+                yield from self.take_events()
             if action is not None:
                 yield from self.apply(action)
                 if action.stop or emitter.stopped:
@@ -278,15 +280,12 @@ class Loop:
             c.start(self.gen)
         # hooks that cannot act under a controller's settings are not called per token
         self.token_hooks, self.commit_hooks = _hooks(self.controllers, "on_token"), _hooks(self.controllers, "on_commit")
-        return self.gen.take_events()
+        return self.take_events()
 
-    def ask(self, hooks: Sequence[Controller], sampled: Sampled) -> Action | None:
-        """The first action a controller takes on the sampled token, if any."""
-        for c in hooks:
-            action = c.on_token(self.gen, sampled)
-            if action is not None:
-                return action
-        return None
+    def take_events(self) -> list[Event]:
+        """The events controllers emitted since the last call."""
+        events, self.state.events = self.state.events, []
+        return events
 
     def react(self, hooks: Sequence[Controller], token: int) -> tuple[Action | None, list[Event]]:
         """Controllers see the committed ``token``; the first action taken (applied), and the
@@ -296,52 +295,53 @@ class Loop:
         events: list[Event] = []
         for c in hooks:
             action = c.on_commit(gen, piece)
-            events.extend(gen.take_events())
+            events.extend(self.take_events())
             if action is not None:
                 return action, events + self.apply(action)
         return None, events
 
     def commit(self, sampled: Sampled) -> Sequence[Event]:
-        """Count the sampled token and commit it; the events its text makes."""
-        tok, thinking, stats = sampled.token, self.parser.thinking, self.stats
-        self.gen.add_token(tok, sampled.logprob, thinking)
-        if not thinking and stats.time_to_first_answer_token is None:
-            stats.time_to_first_answer_token = time.perf_counter() - self.t0
+        """Count the sampled token and commit it; the events its text makes.
+
+        This is the fast path: nearly every token is a whole character with no "<" that
+        continues the block being shown, with nothing held back, and is committed here in the
+        fewest steps (what :meth:`feed` would do for it); any other token goes through
+        :meth:`feed`. (Answer text is held back only for stop strings, so with stop strings
+        the answer always takes the general path.)"""
+        tok, logprob, thinking, stats, state = sampled.token, sampled.logprob, self.parser.thinking, self.stats, self.state
+        if thinking:
+            stats.thinking_tokens += 1
+            state.thinking_logprobs.append(logprob)
+        else:
+            stats.answer_tokens += 1
+            if stats.time_to_first_answer_token is None:
+                stats.time_to_first_answer_token = time.perf_counter() - self.t0
+        state.generated.append(tok)
+        state.logprobs.append(logprob)
         if self.t_first is None:
             self.t_first = time.perf_counter()
             stats.time_to_first_token = self.t_first - self.t0
-        events = self.commit_fast(tok, thinking)
-        return events if events is not None else self.feed([tok])
-
-    def commit_fast(self, tok: int, thinking: bool) -> tuple[Event, ...] | None:
-        """Nearly every token is a whole character with no "<" that continues the block being
-        shown, with nothing held back: commit such a token in the fewest steps (what
-        :meth:`feed` would do for it) and return its delta. Any other token: None, nothing done.
-        (Answer text is held back only for stop strings, so with stop strings the answer always
-        takes the general path.)"""
-        if self.pending or self.parser.held:
-            return None
-        text = self.whole.get(tok)
-        if text is None or self.emitter.block != (THINKING if thinking else ANSWER) or (not thinking and self.emitter.stop):
-            return None
-        if self.tag_start is None or self.tag_start in text:
-            return None
-        self.logits = self.eval([tok])
-        self.gen.set_logits(self.logits)
+        text = self.whole.get(tok) if not state.pending_bytes and not self.parser.held else None
+        if (text is None or self.emitter.block != (THINKING if thinking else ANSWER) or (not thinking and self.emitter.stop)
+                or self.tag_start is None or self.tag_start in text):
+            return self.feed([tok])
+        state.logits = self.eval([tok])
         self.history.append(tok)
         if not text:
             return ()
-        self.gen.add_text(THINKING if thinking else ANSWER, text)
-        return (ThinkingDelta(text),) if thinking else (AnswerDelta(text),)
+        if thinking:
+            state.thinking_text += text
+            return (ThinkingDelta(text),)
+        state.answer_text += text
+        return (AnswerDelta(text),)
 
     def feed(self, tokens: Sequence[int]) -> list[Event]:
         """Evaluate committed tokens and turn their text into events (with
         :class:`~edge.events.ThinkingDone` before the first answer text when thinking closes)."""
         was_thinking = self.parser.thinking
-        self.logits = self.eval(tokens)
-        self.gen.set_logits(self.logits)
+        self.state.logits = self.eval(tokens)
         self.history.extend(tokens)
-        events = self.emitter.pieces(self.gen, self.parser.feed(self.decode(tokens)))
+        events = self.emitter.pieces(self.state, self.parser.feed(self.decode(tokens)))
         if was_thinking and not self.parser.thinking and self.t_think_end is None:
             self.t_think_end = time.perf_counter()
             seconds = self.t_think_end - (self.t_first or self.t_prefill)
@@ -351,7 +351,8 @@ class Loop:
 
     def decode(self, tokens: Sequence[int]) -> str:
         """The text of committed tokens; the bytes of an unfinished character wait for the next."""
-        if len(tokens) == 1 and not self.pending:
+        state = self.state
+        if len(tokens) == 1 and not state.pending_bytes:
             text = self.whole.get(tokens[0])
             if text is not None:
                 return text
@@ -362,8 +363,8 @@ class Loop:
         else:
             raw = b"".join(self.token_bytes(t) for t in tokens)
         text = self.decoder.decode(raw)
-        self.pending = bool(self.decoder.getstate()[0])
-        self.gen.set_pending(self.pending, self.gen.pending_tokens + len(tokens) if self.pending else 0)
+        state.pending_bytes = bool(self.decoder.getstate()[0])
+        state.pending_tokens = state.pending_tokens + len(tokens) if state.pending_bytes else 0
         return text
 
     def retract(self, n: int) -> list[Event]:
@@ -371,21 +372,30 @@ class Loop:
         thinking/answer (counted as ``retracted_tokens``: they were computed), their text
         removed from the run's text, and a :class:`~edge.events.Retracted` tells front ends to
         drop it."""
-        n = min(n, len(self.gen.generated))
+        state, stats, thinking = self.state, self.stats, self.parser.thinking
+        n = min(n, len(state.generated))
         if n <= 0:
             return []
+        gone = state.generated[len(state.generated) - n :]
         self.backend.rollback(self.backend.n_past - n)
-        del self.history[len(self.history) - n :]
-        gone = self.gen.drop_tokens(n)
-        pending = self.pending
-        self.decoder, self.pending = _decoder(), False
-        self.gen.set_pending(False, 0)
+        for seq in (self.history, state.generated, state.logprobs):
+            del seq[len(seq) - n :]
+        del state.thinking_logprobs[max(0, len(state.thinking_logprobs) - n) :]
+        if thinking:
+            stats.thinking_tokens -= n
+        else:
+            stats.answer_tokens -= n
+        stats.retracted_tokens += n
+        pending = state.pending_bytes
+        self.decoder, state.pending_bytes, state.pending_tokens = _decoder(), False, 0
         text = b"".join(self.backend.token_bytes(t) for t in gone).decode("utf-8", errors="ignore")
         if pending or not text:
             return []  # only bytes of an unfinished character: nothing was shown
-        block = self.parser.mode
-        self.gen.drop_text(block, text)
-        return [Retracted(n, text, block)]
+        field = "thinking_text" if thinking else "answer_text"
+        shown = getattr(state, field)
+        if shown.endswith(text):
+            setattr(state, field, shown[: len(shown) - len(text)])
+        return [Retracted(n, text, THINKING if thinking else ANSWER)]
 
     def apply(self, action: Action) -> list[Event]:
         """Carry out a controller's action: report it, retract, inject its text."""
@@ -421,7 +431,7 @@ class Loop:
             stats.draft_tokens, stats.draft_accepted = s.drafted, s.accepted
             stats.model_steps, stats.model_step_tokens = s.steps, s.tokens
         tail = self.decoder.decode(b"", final=True)
-        events = self.emitter.pieces(self.gen, self.parser.feed(tail) + self.parser.finish(), final=True)
+        events = self.emitter.pieces(self.state, self.parser.feed(tail) + self.parser.finish(), final=True)
         t_end = time.perf_counter()
         if self.t_first is not None and stats.thinking_tokens:
             stats.thinking_seconds = (self.t_think_end or t_end) - self.t_first

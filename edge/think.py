@@ -22,6 +22,7 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 THINKING = "thinking"
 ANSWER = "answer"
@@ -52,11 +53,9 @@ class ThinkParser:
     def mode(self) -> str:
         return THINKING if self.thinking else ANSWER
 
-    @property
-    def held(self) -> str:
-        """Text fed but not yet returned: a suffix that may be the start of the tag that
-        changes state ("" when nothing is held back)."""
-        return self._held
+    # text fed but not yet returned: a suffix that may be the start of the tag that changes
+    # state ("" when nothing is held back); read-only (read at every token: at C speed)
+    held = property(attrgetter("_held"), doc="Text fed but not yet returned (a possible tag start).")
 
     def would_close(self, text: str) -> bool:
         """True if feeding ``text`` now would close the current think block."""

@@ -1,4 +1,4 @@
-"""The generation loop's text path: its per-token fast path (``Loop.commit_fast``) must stream
+"""The generation loop's text path: its per-token fast path (``Loop.commit``) must stream
 exactly what the parser and emitter produce for the same pieces (tags split across tokens,
 multi-byte characters split across tokens, stop strings, several think blocks). And the loop's
 own events: ``ThinkingDone`` between thinking and answer, ``TokenLogprobs`` when asked."""
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from edge.control.base import Generation
+from edge.control.base import RunState
 from edge.control.budget import ThinkingBudget
 from edge.events import AnswerDelta, Done, Injected, Stats, ThinkingDelta, ThinkingDone, TokenLogprobs
 from edge.generate import _Emitter, generate
@@ -66,18 +66,17 @@ def reference(backend, pieces, start_in_thinking, stop):
     parser and the emitter, one piece at a time (the general path, no shortcuts)."""
     import codecs
 
-    params = SamplingParams(temperature=0, stop=stop)
     parser = ThinkParser(start_in_thinking=start_in_thinking)
-    gen = Generation(backend, params, parser, Stats())
+    state = RunState(backend, Stats())
     emitter = _Emitter(stop)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = []
     for piece in pieces:
         raw = piece if isinstance(piece, bytes) else piece.encode()
-        out += emitter.pieces(gen, parser.feed(decoder.decode(raw)))
+        out += emitter.pieces(state, parser.feed(decoder.decode(raw)))
         if emitter.stopped:
             break
-    out += emitter.pieces(gen, parser.feed(decoder.decode(b"", final=True)) + parser.finish(), final=True)
+    out += emitter.pieces(state, parser.feed(decoder.decode(b"", final=True)) + parser.finish(), final=True)
     return [(type(e).__name__, e.text) for e in out if isinstance(e, (ThinkingDelta, AnswerDelta))]
 
 

@@ -16,8 +16,8 @@ run through :class:`Generation` and answers with an :class:`Action` or ``None``:
 
 A controller changes a run only three ways: the :class:`Action` it returns, ``gen.emit(event)``
 (report something without acting) and ``gen.probe(...)`` (a trial continuation, rolled back).
-Everything else in :class:`Generation` is read-only to it; the loop (:mod:`edge.generate`)
-advances the run through the methods in its "loop side" section. Controllers never touch the
+Everything else in :class:`Generation` is a read-only view of the run's :class:`RunState`,
+which only the loop (:mod:`edge.generate`) writes. Controllers never touch the
 backend directly except through ``gen.probe``, so they work on every backend. They must be
 deterministic given the run (and the sampler's seed).
 """
@@ -25,14 +25,14 @@ deterministic given the run (and the sampler's seed).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from edge.events import ControlEvent, Event, Stats
 from edge.sampling import token_logprob
-from edge.think import ANSWER, THINKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from edge.backends.base import Backend
@@ -81,66 +81,63 @@ class ProbeResult:
         return {"mean": self.mean_prob, "min": self.min_prob, "geo": self.geo_mean_prob}[kind]
 
 
-_NONE: tuple = ()
+@dataclass(eq=False)
+class RunState:
+    """What changes as a run advances, written by the loop alone (:mod:`edge.generate`);
+    controllers read it through :class:`Generation`."""
+
+    backend: "Backend"  # a speculative wrapper of the model's backend when speculation is on
+    stats: Stats
+    logits: np.ndarray | None = None  # what the next token is sampled from
+    thinking_text: str = ""  # the text shown so far, per block
+    answer_text: str = ""
+    generated: list[int] = field(default_factory=list)  # committed token ids
+    logprobs: list[float] = field(default_factory=list)  # theirs
+    thinking_logprobs: list[float] = field(default_factory=list)  # those of the thinking tokens
+    pending_bytes: bool = False  # the last tokens end inside a UTF-8 character
+    pending_tokens: int = 0  # how many tokens that character spans so far
+    events: list[Event] = field(default_factory=list)  # emitted by controllers, not yet yielded
+
+
+def _view(name: str, doc: str) -> property:
+    return property(attrgetter(name), doc=doc)  # read-only, and read at C speed
 
 
 class Generation:
-    """One run as controllers see it.
+    """One run as controllers see it: a read-only view of its :class:`RunState` plus the two
+    things a controller may do besides returning an :class:`Action` - :meth:`emit` and
+    :meth:`probe`. Nothing here may be assigned or mutated (the lists included)."""
 
-    Read (never assign, never mutate the lists): ``backend``, ``params``, ``parser``, ``stats``,
-    ``eos``, ``thinking``, ``thinking_tokens``, ``answer_tokens``, ``thinking_text``,
-    ``answer_text``, ``generated`` (committed token ids), ``logprobs`` / ``thinking_logprobs``
-    (theirs; NaN unless a controller ``needs_logprobs`` or the params ask for logprobs),
-    ``logits`` (what the next token is sampled from), ``pending_bytes`` / ``pending_tokens``
-    (the last tokens end inside a UTF-8 character). Act: :meth:`emit`, :meth:`probe`."""
-
-    def __init__(self, backend: "Backend", params: "SamplingParams", parser: "ThinkParser", stats: Stats) -> None:
-        self._backend = backend
+    def __init__(self, backend: "Backend", params: "SamplingParams", parser: "ThinkParser", stats: Stats,
+                 state: RunState | None = None) -> None:
+        self._state = state if state is not None else RunState(backend, stats)
         self._params = params
         self._parser = parser
-        self._stats = stats
         self._eos = backend.eos_token_ids
-        self._text = {THINKING: "", ANSWER: ""}
-        self._generated: list[int] = []
-        self._logprobs: list[float] = []
-        self._thinking_logprobs: list[float] = []
-        self._logits: np.ndarray | None = None
-        self._pending = (False, 0)
-        self._events: list[Event] = []
         self._pieces: dict[int, str] = {}
 
-    # -- what controllers read ------------------------------------------------------------------
-    backend = property(lambda self: self._backend)
-    params = property(lambda self: self._params)
-    parser = property(lambda self: self._parser)
-    stats = property(lambda self: self._stats)
-    eos = property(lambda self: self._eos)
-    generated = property(lambda self: self._generated)
-    logprobs = property(lambda self: self._logprobs)
-    thinking_logprobs = property(lambda self: self._thinking_logprobs)
-    logits = property(lambda self: self._logits)
-    thinking_text = property(lambda self: self._text[THINKING])
-    answer_text = property(lambda self: self._text[ANSWER])
-    pending_bytes = property(lambda self: self._pending[0])
-    pending_tokens = property(lambda self: self._pending[1])
-
-    @property
-    def thinking(self) -> bool:
-        return self._parser.thinking
-
-    @property
-    def thinking_tokens(self) -> int:
-        return self._stats.thinking_tokens
-
-    @property
-    def answer_tokens(self) -> int:
-        return self._stats.answer_tokens
+    backend = _view("_state.backend", "The backend the run evaluates through.")
+    stats = _view("_state.stats", "The run's figures so far.")
+    params = _view("_params", "The run's sampling parameters.")
+    parser = _view("_parser", "The think parser (``thinking``, ``tags``, ``held``, ``would_close``).")
+    eos = _view("_eos", "The end-of-sequence token ids.")
+    logits = _view("_state.logits", "The logits the next token is sampled from.")
+    thinking_text = _view("_state.thinking_text", "The thinking text shown so far.")
+    answer_text = _view("_state.answer_text", "The answer text shown so far.")
+    generated = _view("_state.generated", "The committed token ids.")
+    logprobs = _view("_state.logprobs", "Their logprobs (NaN unless someone ``needs_logprobs`` or the params ask).")
+    thinking_logprobs = _view("_state.thinking_logprobs", "The logprobs of the thinking tokens.")
+    pending_bytes = _view("_state.pending_bytes", "Whether the last tokens end inside a UTF-8 character.")
+    pending_tokens = _view("_state.pending_tokens", "How many tokens that unfinished character spans.")
+    thinking = _view("_parser.thinking", "Whether the model is thinking now.")
+    thinking_tokens = _view("_state.stats.thinking_tokens", "Thinking tokens so far.")
+    answer_tokens = _view("_state.stats.answer_tokens", "Answer tokens so far.")
 
     def piece(self, token: int) -> str:
         """The text of ``token`` alone (bytes of an unfinished character are left out)."""
         text = self._pieces.get(token)
         if text is None:
-            text = self._pieces[token] = self._backend.token_bytes(token).decode("utf-8", errors="ignore")
+            text = self._pieces[token] = self._state.backend.token_bytes(token).decode("utf-8", errors="ignore")
         return text
 
     def would_close_thinking(self, token: int) -> bool:
@@ -153,14 +150,14 @@ class Generation:
     # -- what controllers do --------------------------------------------------------------------
     def emit(self, event: ControlEvent) -> None:
         """Report something to the front ends without acting (e.g. a probe's reading)."""
-        self._events.append(event)
+        self._state.events.append(event)
 
     def probe(self, text: str, *, max_tokens: int = 8, stop: Sequence[str] = ("}",)) -> ProbeResult:
         """Append ``text``, decode up to ``max_tokens`` greedily, then roll everything back.
 
         The cache is truncated to where it was (no re-prefill) and the current logits are
         kept, so the main stream continues exactly as if no probe had happened."""
-        backend = self._backend
+        backend = self._state.backend
         start = backend.n_past
         toks = backend.tokenize(text, special=True)
         room = backend.n_ctx - start - len(toks) - 1
@@ -188,62 +185,10 @@ class Generation:
         finally:
             backend.rollback(start)  # the logits the run goes on from are untouched
         cost = len(toks) + len(out)
-        self._stats.probe_tokens += cost
-        self._stats.probes += 1
+        stats = self._state.stats
+        stats.probe_tokens += cost
+        stats.probes += 1
         return ProbeResult(raw.decode("utf-8", errors="replace"), out, lps, cost, finished)
-
-    # -- the loop's side: how the run advances (controllers do not call these) ------------------
-    def set_logits(self, logits: np.ndarray) -> None:
-        self._logits = logits
-
-    def set_backend(self, backend: "Backend") -> None:
-        """What the run evaluates through from now on (a speculative wrapper of the backend)."""
-        self._backend = backend
-
-    def set_pending(self, pending_bytes: bool, pending_tokens: int) -> None:
-        self._pending = (pending_bytes, pending_tokens)
-
-    def add_token(self, token: int, logprob: float, thinking: bool) -> None:
-        """Count ``token`` as committed, in thinking or in the answer."""
-        if thinking:
-            self._stats.thinking_tokens += 1
-            self._thinking_logprobs.append(logprob)
-        else:
-            self._stats.answer_tokens += 1
-        self._generated.append(token)
-        self._logprobs.append(logprob)
-
-    def drop_tokens(self, n: int) -> list[int]:
-        """Uncount the last ``n`` committed tokens (of the current phase); they stay counted as
-        ``retracted_tokens``: they were computed. Returns them."""
-        generated = self._generated
-        gone = generated[len(generated) - n :]
-        del generated[len(generated) - n :]
-        del self._logprobs[len(self._logprobs) - n :]
-        del self._thinking_logprobs[max(0, len(self._thinking_logprobs) - n) :]
-        if self._parser.thinking:
-            self._stats.thinking_tokens -= n
-        else:
-            self._stats.answer_tokens -= n
-        self._stats.retracted_tokens += n
-        return gone
-
-    def add_text(self, block: str, text: str) -> None:
-        """Shown text of ``block`` (``THINKING`` or ``ANSWER``)."""
-        self._text[block] += text
-
-    def drop_text(self, block: str, text: str) -> None:
-        """Take back ``text`` from the end of ``block``'s shown text (if it ends with it)."""
-        shown = self._text[block]
-        if shown.endswith(text):
-            self._text[block] = shown[: len(shown) - len(text)]
-
-    def take_events(self) -> Sequence[Event]:
-        """The events controllers emitted since the last call."""
-        if not self._events:
-            return _NONE
-        out, self._events = self._events, []
-        return out
 
 
 class Controller:
