@@ -539,7 +539,7 @@ def test_cli_int4_options_are_recorded(ckpts, tmp_path, cli):
     manifest = json.loads((out / "edge_onnx.json").read_text())
     assert manifest["quantization"] == {
         "bits": 4, "block_size": 16, "symmetric": True, "attention_bits": 8, "lm_head_bits": 8, "embedding_bits": 8,
-        "int8_layers": [1], "int8_block_size": 128, "method": "rtn", "accuracy_level": 0}
+        "int8_layers": [1], "int8_down_layers": [], "int8_block_size": 128, "method": "rtn", "accuracy_level": 0}
     assert manifest["tensors"]["down"] == "4-bit sym b16; 8-bit sym b128 in layers 1"  # the plan (b128 fitted to 64)
     assert manifest["kv_dtype"] == "float32" and manifest["embedding"] == "GatherBlockQuantized 8-bit sym b128"
     _one_line_error(cli("convert", "onnx", str(ckpts["llama"]), str(tmp_path / "bad"), "--weights", "int4",

@@ -63,13 +63,22 @@ def test_gptq_with_an_identity_hessian_is_rtn_and_with_a_real_one_does_better():
 
 
 def test_plan_resolves_layers_embedding_and_block_sizes():
+    from dataclasses import replace
+
     from edge.convert.onnx_quant import INT4, INT8, QuantPlan, TensorQuant, default_plan, parse_layers
     from edge.errors import ConfigError
 
     plan = INT4.resolve(24, tied=False)
-    assert plan.int8_layers == (0, 1, 2, 3, 4, 5, 18, 19, 20, 21, 22, 23)  # the first and last quarter
-    assert plan.for_weight("gate_up", 5) == TensorQuant(8, 128, True)
-    assert plan.for_weight("down", 6) == TensorQuant(4, 32, False)
+    # measured per layer: every weight 8-bit in the first sixth and the last third of the layers,
+    # the down projection also in the twelfth before that
+    assert plan.int8_layers == (0, 1, 2, 3, 16, 17, 18, 19, 20, 21, 22, 23)
+    assert plan.int8_down_layers == (14, 15)
+    assert plan.for_weight("gate_up", 3) == plan.for_weight("down", 15) == TensorQuant(8, 128, True)
+    assert plan.for_weight("gate_up", 4) == plan.for_weight("gate_up", 15) == TensorQuant(4, 32, False)
+    assert plan.for_weight("down", 4) == plan.for_weight("down", 13) == TensorQuant(4, 32, False)
+    assert INT4.resolve(28, tied=False).int8_down_layers == (17, 18)
+    explicit = replace(INT4, int8_layers=(0, 23)).resolve(24, tied=False)  # an explicit list: those layers only
+    assert explicit.int8_down_layers == () and explicit.for_weight("down", 15) == TensorQuant(4, 32, False)
     assert plan.for_weight("qkv", 6).bits == plan.for_weight("lm_head", None).bits == 8
     assert plan.for_weight("embedding", None) == TensorQuant(4, 32, False)
     assert INT4.resolve(24, tied=True).embedding_bits == 8  # one table, shared with the lm_head
@@ -82,9 +91,12 @@ def test_plan_resolves_layers_embedding_and_block_sizes():
     assert TensorQuant(4, 32, False).fit(4864) == TensorQuant(4, 32, False)
     assert parse_layers("23,0, 1") == (0, 1, 23) and parse_layers("none") == ()
     summary = plan.summary(24)
-    assert summary["gate_up"].startswith("8-bit sym b128") and "4-bit asym b32 in layers 6, 7" in summary["gate_up"]
+    assert summary["gate_up"] == "8-bit sym b128; 4-bit asym b32 in layers 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
+    assert summary["down"] == "8-bit sym b128; 4-bit asym b32 in layers 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+    assert plan.describe()["int8_down_layers"] == [14, 15]
     for bad in (lambda: QuantPlan(bits=3), lambda: QuantPlan(block_size=48), lambda: QuantPlan(method="awq"),
-                lambda: INT4.resolve(4, tied=False).__class__(int8_layers=(9,)).resolve(4, tied=False),
+                lambda: QuantPlan(int8_layers=(9,)).resolve(4, tied=False),
+                lambda: QuantPlan(int8_down_layers=(4,)).resolve(4, tied=False),
                 lambda: parse_layers("first")):
         with pytest.raises(ConfigError):
             bad()

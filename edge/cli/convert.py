@@ -137,7 +137,8 @@ def _report(report, *, as_json: bool) -> None:
 @click.option("--attention-bits", type=click.Choice(("4", "8")), help="int4: bits of the q/k/v and o projections [8].")
 @click.option("--int8-layers", metavar="LIST",
               help="int4: decoder layers (comma-separated indices, or 'none') whose weights all get 8 bits "
-                   "[the first and last quarter of the layers].")
+                   "[the first sixth and last third of the layers, plus the down projection of the twelfth "
+                   "before that third; a LIST gets no extra down layers].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
               help="int4 / blockwise int8: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8; "
                    "default 4: fastest on CPU).")
