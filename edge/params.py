@@ -107,6 +107,8 @@ class SamplingParams:
     ``speculate`` turns on speculative decoding from n-gram lookup over the prompt and the trace
     (:mod:`edge.speculative`): the same tokens (the same distribution when sampling, the same
     text for a seeded run), fewer model steps when the trace repeats itself.
+    ``logprobs`` asks the loop for a :class:`~edge.events.TokenLogprobs` event per model token
+    (with the ``top_logprobs`` most likely alternatives); injected text gets none.
     """
 
     temperature: float = field(default=0.6, metadata=offered("--temperature", "--temp", help="0 = greedy.", request=True))
