@@ -8,17 +8,14 @@ tests that need it skip locally and fail under CI (``CI=true``), so CI never pas
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from edge.benchmarks.bench.peers import ENV, find_peer, free_port  # noqa: F401  (the suite finds them the same way)
+from edge.benchmarks.bench.peers import ENV, find_peer, free_port, wait_ready  # noqa: F401  (the suite finds and starts them the same way)
 
 
 def require_peer(name: str) -> Path:
@@ -47,21 +44,11 @@ class LlamaServer:
                "-np", "1", "-t", "1", "-tb", "1", "-fa", "off", "--no-webui", *extra]
         self.log = open(os.devnull, "w") if not os.environ.get("EDGE_PEER_LOG") else open(os.environ["EDGE_PEER_LOG"], "a")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + startup
-        while True:
-            if self.proc.poll() is not None:
-                self.log.close()
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode} at start: {' '.join(cmd)} (EDGE_PEER_LOG=FILE keeps its log)")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
-                    if json.loads(r.read()).get("status") == "ok":
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"llama-server did not become ready within {startup:g} s")
-            time.sleep(0.05)
+        try:
+            wait_ready(self.proc, self.port, startup, cmd, on_timeout=self.stop, hint=" (EDGE_PEER_LOG=FILE keeps its log)")
+        except Exception:
+            self.log.close()
+            raise
 
     def kill(self) -> None:
         """Dies at once, as a crashed server does (SIGKILL)."""

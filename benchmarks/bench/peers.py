@@ -63,6 +63,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(proc: subprocess.Popen, port: int, startup: float, cmd: list[str], *, on_timeout: Callable[[], None],
+               hint: str = "") -> None:
+    """Wait until the llama-server ``proc`` on ``port`` answers ``/health`` with "ok"; one
+    ConfigError line if it exits first (``hint`` appended) or is not ready within ``startup`` s
+    (``on_timeout`` is called first, to stop it)."""
+    deadline = time.monotonic() + startup
+    while True:
+        if proc.poll() is not None:
+            raise ConfigError(f"llama-server exited with {proc.returncode} at start: {' '.join(cmd)}{hint}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if json.loads(r.read()).get("status") == "ok":
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            on_timeout()
+            raise ConfigError(f"llama-server did not become ready within {startup:g} s")
+        time.sleep(0.05)
+
+
 class Server:
     """``llama-server`` on a free loopback port, one slot, until :meth:`stop`."""
 
@@ -71,20 +92,7 @@ class Server:
         cmd = [str(binary), "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-c", str(n_ctx), "-np", "1",
                "-t", str(threads), "-tb", str(threads), "-fa", "off", "--no-webui", *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + startup
-        while True:
-            if self.proc.poll() is not None:
-                raise ConfigError(f"llama-server exited with {self.proc.returncode} at start: {' '.join(cmd)}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
-                    if json.loads(r.read()).get("status") == "ok":
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ConfigError(f"llama-server did not become ready within {startup:g} s")
-            time.sleep(0.1)
+        wait_ready(self.proc, self.port, startup, cmd, on_timeout=self.stop)
 
     def complete(self, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:
         """(prompt tok/s, decode tok/s, tokens) of one greedy ``/completion``, by the server's own timings."""
