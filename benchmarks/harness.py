@@ -23,6 +23,7 @@ exit efficiency = achieved savings / oracle savings.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -202,6 +203,18 @@ def evaluate(rt, items: Sequence[Item], policies: Sequence[Policy], params: Samp
     return records
 
 
+def _comparable(settings: dict, head: dict) -> dict:
+    """``settings`` less the sampling fields a journal written before they existed lacks, where
+    they hold their default (a field added since, left at its default, changes nothing the
+    journal's run did, e.g. ``speculate``)."""
+    sampling, old = settings.get("sampling"), head.get("sampling")
+    if not isinstance(sampling, dict) or not isinstance(old, dict):
+        return settings
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    kept = {k: v for k, v in sampling.items() if k in old or k not in defaults or v != defaults[k]}
+    return {**settings, "sampling": kept}
+
+
 def _read_journal(path: Path, settings: dict) -> dict[tuple[str, str], dict]:
     if not path.exists() or path.stat().st_size == 0:
         return {}
@@ -210,7 +223,7 @@ def _read_journal(path: Path, settings: dict) -> dict[tuple[str, str], dict]:
         head = json.loads(lines[0])["settings"]
     except (ValueError, KeyError, TypeError, IndexError):
         raise ConfigError(f"{path} is not an evaluation journal; use another --out folder") from None
-    if json.loads(json.dumps(settings, default=str)) != head:
+    if _comparable(json.loads(json.dumps(settings, default=str)), head) != head:
         raise ConfigError(f"{path} holds a run with other settings (model, task, prompt or sampling); use another --out folder")
     done = {}
     for line in lines[1:]:
