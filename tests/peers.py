@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.benchmarks.bench.peers import ENV, find_peer, free_port, wait_ready  # noqa: F401  (the suite finds and starts them the same way)
+from edge.benchmarks.bench.peers import ENV, find_peer, free_port, stop_process, wait_ready  # noqa: F401  (the suite finds and starts them the same way)
 
 
 def require_peer(name: str) -> Path:
@@ -57,12 +57,7 @@ class LlamaServer:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
         self.log.close()
 
     def __enter__(self) -> "LlamaServer":

@@ -63,6 +63,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
+
+
 def wait_ready(proc: subprocess.Popen, port: int, startup: float, cmd: list[str], *, on_timeout: Callable[[], None],
                hint: str = "") -> None:
     """Wait until the llama-server ``proc`` on ``port`` answers ``/health`` with "ok"; one
@@ -106,13 +117,7 @@ class Server:
         return float(t["prompt_per_second"]), float(t["predicted_per_second"]), list(reply.get("tokens") or [])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def llama_bench(binary: Path, model: str, *, threads: int, prompt_tokens: int, tokens: int) -> tuple[float, float]:
