@@ -313,7 +313,7 @@ class _Weights:
     def pack(self, w: np.ndarray, role: str, layer: int | None, name: str) -> Packed:
         quant = self.plan.for_weight(role, layer).fit(w.shape[0])
         if self.plan.method == "gptq" and quant.bits == 4 and layer is not None:
-            return gptq(w, self.calibration.hessian(layer, role), quant)
+            return gptq(w, self.calibration.hessian(layer, role), quant, search=self.plan.grid_search)
         return quantize_rtn(w, quant, name)
 
     def add_packed(self, name: str, p: Packed) -> list[str]:

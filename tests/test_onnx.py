@@ -534,12 +534,13 @@ def test_cli_convert_then_run(ckpts, tmp_path, cli):
 def test_cli_int4_options_are_recorded(ckpts, tmp_path, cli):
     out = tmp_path / "int4"
     proc = cli("convert", "onnx", str(ckpts["llama"]), str(out), "--weights", "int4", "--symmetric", "--block-size", "16",
-               "--embedding-bits", "8", "--int8-layers", "1", "--kv-dtype", "float32", "--accuracy-level", "0")
+               "--embedding-bits", "8", "--int8-layers", "1", "--kv-dtype", "float32", "--accuracy-level", "0", "--no-grid-search")
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "edge_onnx.json").read_text())
     assert manifest["quantization"] == {
         "bits": 4, "block_size": 16, "symmetric": True, "attention_bits": 8, "lm_head_bits": 8, "embedding_bits": 8,
-        "int8_layers": [1], "int8_down_layers": [], "int8_block_size": 128, "method": "rtn", "accuracy_level": 0}
+        "int8_layers": [1], "int8_down_layers": [], "int8_block_size": 128, "method": "rtn", "accuracy_level": 0,
+        "grid_search": False}
     assert manifest["tensors"]["down"] == "4-bit sym b16; 8-bit sym b128 in layers 1"  # the plan (b128 fitted to 64)
     assert manifest["kv_dtype"] == "float32" and manifest["embedding"] == "GatherBlockQuantized 8-bit sym b128"
     _one_line_error(cli("convert", "onnx", str(ckpts["llama"]), str(tmp_path / "bad"), "--weights", "int4",
@@ -557,9 +558,14 @@ def test_gptq_export(ckpts, tmp_path):
     rtn = to_onnx(ckpts["qwen2"], tmp_path / "rtn", weights="int4")
     gptq = to_onnx(ckpts["qwen2"], tmp_path / "gptq", weights="int4", quant=replace(INT4, method="gptq"),
                    calibration_texts=texts)
-    assert json.loads((gptq / "edge_onnx.json").read_text())["quantization"]["method"] == "gptq"
-    assert weight_bytes(gptq) == weight_bytes(rtn)  # same format, other integers
-    assert (gptq / "model.onnx.data").read_bytes() != (rtn / "model.onnx.data").read_bytes()
+    full_range = to_onnx(ckpts["qwen2"], tmp_path / "full", weights="int4",
+                         quant=replace(INT4, method="gptq", grid_search=False), calibration_texts=texts)
+    recorded = json.loads((gptq / "edge_onnx.json").read_text())["quantization"]
+    assert recorded["method"] == "gptq" and recorded["grid_search"] is True
+    assert json.loads((full_range / "edge_onnx.json").read_text())["quantization"]["grid_search"] is False
+    assert weight_bytes(gptq) == weight_bytes(rtn) == weight_bytes(full_range)  # same format, other integers
+    data = {f: (f / "model.onnx.data").read_bytes() for f in (rtn, gptq, full_range)}
+    assert len(set(data.values())) == 3
     report = verify(ckpts["qwen2"], gptq, max_tokens=64, n_threads=1)
     assert report.passed, report.failures
 

@@ -52,14 +52,49 @@ def test_gptq_with_an_identity_hessian_is_rtn_and_with_a_real_one_does_better():
     w = (rng.standard_normal((128, 16)) * 0.02).astype(np.float32)
     quant = TensorQuant(4, 32, False)
     rtn = dequantize(quantize_rtn(w, quant))
-    np.testing.assert_allclose(dequantize(gptq(w, np.eye(128), quant)), rtn, rtol=0, atol=1e-6)
+    # no error to feed back: GPTQ rounds to nearest on the same grids
+    np.testing.assert_allclose(dequantize(gptq(w, np.eye(128), quant, search=False)), rtn, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(dequantize(gptq(w, np.eye(128), quant)), dequantize(quantize_rtn(w, quant, search=True)),
+                               rtol=0, atol=1e-6)
+    # a diagonal Hessian neither feeds errors back nor lets act-order change anything but the
+    # order: the integers land in their own columns (the permutation is undone)
+    d = rng.uniform(0.1, 10.0, 128)
+    np.testing.assert_allclose(dequantize(gptq(w, np.diag(d), quant)),
+                               dequantize(quantize_rtn(w, quant, search=True, importance=d)), rtol=0, atol=1e-6)
     x = rng.standard_normal((512, 128)) @ (np.eye(128) + 0.3 * rng.standard_normal((128, 128)))  # correlated inputs
+    x *= rng.uniform(0.2, 3.0, 128)  # of unequal size (what act-order sorts by)
     hessian = x.T @ x / len(x)
 
     def output_error(deq):
         return float(np.trace((w - deq).T @ hessian @ (w - deq)))
 
     assert output_error(dequantize(gptq(w, hessian, quant))) < 0.8 * output_error(rtn)
+    for search in (False, True):
+        for act_order in (False, True):
+            assert output_error(dequantize(gptq(w, hessian, quant, search=search, act_order=act_order))) < 0.8 * output_error(rtn)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_grid_search_never_loses_to_the_full_range_and_wins_on_heavy_tails(symmetric):
+    from edge.convert.onnx_quant import TensorQuant, dequantize, quantize_rtn, search_grid
+
+    rng = np.random.default_rng(2)
+    w = (rng.standard_t(4, (256, 64)) * 0.01).astype(np.float32)  # [K, N], heavy tails like real weights
+    quant = TensorQuant(4, 32, symmetric)
+    importance = rng.uniform(0.5, 2.0, 256).astype(np.float32)
+
+    def block_errors(deq, imp):
+        return (((deq - w) ** 2) * imp[:, None]).T.reshape(64, 8, 32).sum(-1)  # [N, blocks]
+
+    ort = block_errors(dequantize(quantize_rtn(w, quant)), importance)
+    searched = block_errors(dequantize(quantize_rtn(w, quant, search=True, importance=importance)), importance)
+    assert (searched <= ort * (1 + 1e-5)).all()  # the full range is one of the candidates
+    assert searched.sum() < 0.97 * ort.sum()  # a block's largest value no longer sets every step
+    scales, zeros = search_grid(np.ascontiguousarray(w.T), quant, importance)
+    assert scales.shape == zeros.shape == (64, 8) and (scales != 0).all()
+    assert ((zeros >= 0) & (zeros <= 15)).all() and np.array_equal(zeros, np.round(zeros))
+    plain = block_errors(dequantize(quantize_rtn(w, quant, search=True)), np.ones(256, np.float32))
+    assert plain.sum() <= block_errors(dequantize(quantize_rtn(w, quant)), np.ones(256, np.float32)).sum()
 
 
 def test_plan_resolves_layers_embedding_and_block_sizes():

@@ -129,6 +129,9 @@ def _report(report, *, as_json: bool) -> None:
 @click.option("--method", type=click.Choice(("rtn", "gptq")),
               help="int4: rounding of the 4-bit weights: rtn (round to nearest) or gptq (error feedback through "
                    "the input Hessian measured on calibration text; needs torch+transformers) [rtn].")
+@click.option("--grid-search/--no-grid-search", default=None,
+              help="int4 --method gptq: each 4-bit block's range shrunk to the ratio (1.0 .. 0.75) with the "
+                   "least rounding error (weighted by the calibration inputs), rather than its full min..max [on].")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="--method gptq: a UTF-8 text file of calibration texts separated by blank lines "
                    "(default: built-in prose, code and math).")
@@ -149,7 +152,7 @@ def _report(report, *, as_json: bool) -> None:
 @click.option("--verify", "run_verify", is_flag=True,
               help="Verify the result against SRC afterwards (needs torch and transformers).")
 def onnx_cmd(src: str, out_dir: Path, weights: str, int8_method: str, block_size: str | None, symmetric: bool | None,
-             method: str | None, calibration: Path | None, lm_head_bits: str | None, embedding_bits: str | None,
+             method: str | None, grid_search: bool | None, calibration: Path | None, lm_head_bits: str | None, embedding_bits: str | None,
              attention_bits: str | None, int8_layers: str | None, accuracy_level: int | None, kv_dtype: str | None,
              force: bool, revision: str | None, run_verify: bool) -> None:
     """Export SRC (a checkpoint folder or hub repo id) to the ONNX Runtime model folder OUT_DIR.
@@ -168,7 +171,7 @@ def onnx_cmd(src: str, out_dir: Path, weights: str, int8_method: str, block_size
     if weights == "int4" or (weights == "int8" and int8_method == "blockwise"):
         quant = default_plan(weights, block_size=int(block_size) if block_size else None, accuracy_level=accuracy_level,
                              lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
-        changes = {"symmetric": symmetric, "method": method,
+        changes = {"symmetric": symmetric, "method": method, "grid_search": grid_search,
                    "embedding_bits": int(embedding_bits) if embedding_bits else None,
                    "attention_bits": int(attention_bits) if attention_bits else None,
                    "int8_layers": parse_layers(int8_layers) if int8_layers is not None else None}
