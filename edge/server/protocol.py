@@ -265,7 +265,7 @@ def _signal(body: dict) -> dict[str, Any] | None:
     unknown = sorted(set(v) - set(SIGNAL_KEYS))
     if unknown:
         raise bad("signal_budget", f"unknown signal_budget setting(s) {', '.join(unknown)}; known: {', '.join(SIGNAL_KEYS)}")
-    return {k: v[k] for k in SIGNAL_KEYS if v.get(k) is not None}
+    return {k: v.get(k) for k in SIGNAL_KEYS}  # no "high": no cap; the controller checks the rest
 
 
 def controllers(body: dict) -> list[Controller]:
