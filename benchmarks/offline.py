@@ -494,7 +494,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         reports[res["label"]] = res["calibration_test"]
         md.append(f"## {res['label']} (validation {res['validation']}, test {res['test']})\n\n" + markdown(res["rows"]))
         if res["budgets"]["pairs"]:
-            md.append("Budgets at equal mean tokens (cut at a probe point, answer read by the probe; test slice):\n\n"
+            md.append("Budgets at equal mean tokens (cut at a probe point, answer read by the probe: the live "
+                      "budget-probe and signal policies; net tokens include those taken back at a cut; test slice):\n\n"
                       + budget_markdown(res["budgets"]))
         ct = res["calibration_test"]
         if ct.get("probes"):
