@@ -1,12 +1,13 @@
 """Thinking budgets: a hard cap, a minimum with "Wait" extension, effort levels, thinking off,
-and an adaptive per-query budget.
+an adaptive per-query budget, and one set by an early probe's confidence (:class:`SignalBudget`).
 
 :class:`ThinkingBudget` contract
 - Thinking tokens never exceed ``max_thinking``: when the cap is reached the next sampled token
   is replaced by ``end_message`` + the closing tag (a token that would leave a UTF-8 character
-  unfinished is taken back first, so no character is split), and the model answers.
+  unfinished is taken back first, so no character is split), and the model answers. (With
+  ``cut="probe"``, below, a first step longer than the cap is the one exception.)
 - If the model ends (EOS) while still thinking, the same message is injected, so an answer is
-  always produced.
+  always produced (not with ``cut="probe"``, below).
 - ``answer_budget`` caps the answer tokens that follow (the reply then stops, finish "length").
 - ``min_thinking``: if the model closes thinking (or ends) earlier, the close is replaced by
   ``wait_text`` (s1's budget forcing), at most ``max_waits`` times.
