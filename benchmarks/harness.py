@@ -11,6 +11,12 @@ A *policy* is a named recipe of controllers:
 ``wait:N``                    minimum thinking N tokens ("Wait" extension)
 ``adaptive:S[,S...]``         per-query budget from the prompt length, scaled by S
 ``budget-step:N``, ``adaptive-step:S``  the same, cut at the last finished reasoning step
+                              (a paragraph break; closed with no message, the model answers)
+``budget-probe:N``,           the same, cut at the last probe point with the probe's answer:
+``adaptive-probe:S``          exactly the cut ``offline.cut_at`` replays from an oracle run
+``signal:F:T:L:H[,...]``      one probe at the first probe point past F thinking tokens; cap L
+                              if its answer's confidence is >= T, else H (``inf``: none);
+                              replayed by ``offline.signal_budget(F, T, L, H)``
 ``early-exit[:T,...]``        DEER-style probes, exit at confidence >= T (default 0.95)
 ``dynasor[:K,...]``           exit when the last K probe answers agree
 ============================  ==============================================================
@@ -34,14 +40,17 @@ from typing import Any, Callable, Iterable, Sequence
 
 from edge.benchmarks.tasks import Item, is_equiv, score
 from edge.control.budget import LengthPredictor
-from edge.control.spec import ControlSpec
+from edge.control.spec import ControlSpec, parse_signal, signal_text
 from edge.errors import ConfigError
 from edge.files import atomic_output, atomic_write
 from edge.events import Probe
 from edge.params import SamplingParams
 from edge.runtime import collect
 
-FAMILIES = ("unlimited", "oracle", "budget", "budget-step", "effort", "wait", "adaptive", "adaptive-step", "early-exit", "dynasor")
+FAMILIES = ("unlimited", "oracle", "budget", "budget-step", "budget-probe", "effort", "wait", "adaptive", "adaptive-step",
+            "adaptive-probe", "signal", "early-exit", "dynasor")
+CUT_SUFFIXES = {"-step": "step", "-probe": "probe"}
+"""``budget-step`` is ``budget`` with ThinkingBudget(cut="step"), ``budget-probe`` with cut="probe"."""
 
 
 ORACLE_PROBES = {"record_only": True, "gate": 0.0, "min_gap": 0, "max_probes": 100_000}
@@ -62,12 +71,13 @@ class Policy:
         """The policy as a :class:`~edge.control.spec.ControlSpec` (what the CLI flags and the
         server's fields are parsed into too)."""
         f, v = self.family, self.value
-        cut = "step" if f.endswith("-step") else "token"  # cut at the last finished reasoning step
+        base, _, suffix = f.partition("-")
+        cut = CUT_SUFFIXES.get("-" + suffix, "token") if base in ("budget", "adaptive") else "token"
         if f == "unlimited":
             return ControlSpec()
         if f == "oracle":
             return ControlSpec(early_exit=ORACLE_PROBES)
-        if f in ("budget", "budget-step"):
+        if base == "budget":
             return ControlSpec(think_budget=v, cut=cut)
         if f == "effort":
             # a budget runs at every level, "max" (no cap) included: a model that stops inside
@@ -75,8 +85,10 @@ class Policy:
             return ControlSpec(effort=v, min_thinking=0)
         if f == "wait":
             return ControlSpec(min_thinking=v)
-        if f in ("adaptive", "adaptive-step"):
+        if base == "adaptive":
             return ControlSpec(adaptive=v, cut=cut)
+        if f == "signal":
+            return ControlSpec(signal=parse_signal(v))
         if f == "early-exit":
             return ControlSpec(early_exit={"threshold": v})
         if f == "dynasor":
@@ -102,11 +114,18 @@ def parse_policies(spec: str) -> list[Policy]:
     family, _, rest = spec.strip().partition(":")
     if family not in FAMILIES:
         raise ConfigError(f"unknown policy {family!r}; choose from: {', '.join(FAMILIES)}")
-    if family in ("budget-step", "adaptive-step"):
-        # the same budgets, cut at the last finished reasoning step (ThinkingBudget cut="step")
-        base = family[: -len("-step")]
+    if family.startswith(("budget-", "adaptive-")):
+        # the same budgets, cut otherwise (ThinkingBudget cut="step" or "probe")
+        base = family.partition("-")[0]
         return [Policy(family, p.value) for p in parse_policies(base + (":" + rest if rest else ""))]
     values = [v for v in rest.split(",") if v.strip()] if rest else []
+    if family == "signal":
+        if not values:
+            raise ConfigError("policy 'signal' needs FIRST:THRESHOLD:LOW:HIGH, e.g. signal:40:0.9:60:200")
+        out = [Policy("signal", signal_text(parse_signal(v))) for v in values]
+        for p in out:
+            p.controllers()
+        return out
     if family in ("unlimited", "oracle"):
         if values:
             raise ConfigError(f"policy {family!r} takes no value")

@@ -237,26 +237,40 @@ def plot_reliability(reports: dict[str, dict], path: Path) -> Path:
 # -- budgets: fixed, prompt-length and probe-signal adaptive, replayed ------------------------------
 # A budget policy here stops thinking at a probe point and reads the answer the probe read there
 # (the answer inducer, greedy): the same act as an early exit, forced by a token count instead of
-# a confidence. Under greedy decoding that is exactly what a live run with such a cut produces,
-# so fixed and adaptive budgets are compared on the same footing as early exit, from one oracle
-# run. (The live ``budget-step`` policy closes thinking at a paragraph break and lets the model
-# answer freely; its probe points and answer text differ, so it is not what is replayed here.)
+# a confidence. The live policies are ThinkingBudget(cut="probe") (eval ``budget-probe:N``,
+# ``adaptive-probe:S``) and SignalBudget (``signal:FIRST:THRESHOLD:LOW:HIGH``); under greedy
+# decoding a live run of each gives exactly the thinking, probe and retracted tokens, answer and
+# correctness replayed here (tests/test_budget_replay.py runs both on real models). The live
+# ``budget-step`` policy is another cut (back to a paragraph break, closed with no inducer, the
+# model answers freely) and is not what is replayed here.
+
+def _outcome(rec: dict, t: dict, *, paid: int, retracted: int) -> dict:
+    """Thinking stopped at probe ``t`` (its cost already in ``paid`` where that is due); the
+    answer is the one the probe read."""
+    return {"id": rec["id"], "thinking_tokens": t["at"], "probe_tokens": paid, "retracted_tokens": retracted,
+            "pred": t["answer"], "correct": t["finished"] and is_equiv(t["answer"], rec["gold"]), "cut": True}
+
 
 def cut_at(rec: dict, budget: float, *, paid: int = 0, after: int = -1) -> dict:
-    """Thinking stops at the last probe point at or before ``budget`` thinking tokens (and after
-    ``after``, where an earlier probe of the policy already stands), unless the trace finished
-    within the budget. ``paid``: probe tokens the policy already spent. With no probe point in
-    reach the cut falls mid-step and the answer is unknown: counted wrong, at the budget."""
+    """ThinkingBudget(cut="probe") with cap ``budget``, replayed. A trace whose thinking ends
+    within the cap is the unlimited run. Otherwise thinking stops at the last probe point at or
+    before the cap: the live run reaches the cap and takes back the tokens since that point
+    (``retracted_tokens``), then pays its probe, unless the policy's own probe ``after`` already
+    stands there. With no probe point within the cap thinking goes on to the first one (the cut
+    is never inside the first step), and a trace with none at all is the unlimited run.
+    ``paid``: probe tokens the policy already spent."""
     if rec["thinking_tokens"] <= budget:
-        return {"id": rec["id"], "thinking_tokens": rec["thinking_tokens"], "probe_tokens": paid,
-                "correct": bool(rec["correct"]), "cut": False}
-    reach = [t for t in trials_of(rec) if t["at"] <= budget]
+        return {"id": rec["id"], "thinking_tokens": rec["thinking_tokens"], "probe_tokens": paid, "retracted_tokens": 0,
+                "pred": rec.get("pred"), "correct": bool(rec["correct"]), "cut": False}
+    trials = trials_of(rec)
+    reach = [t for t in trials if t["at"] <= budget]
     if not reach:
-        return {"id": rec["id"], "thinking_tokens": int(budget), "probe_tokens": paid, "correct": False, "cut": True}
+        if not trials:
+            return cut_at(rec, math.inf, paid=paid)
+        t = trials[0]
+        return _outcome(rec, t, paid=paid + (t["cost"] if t["at"] > after else 0), retracted=0)
     t = reach[-1]
-    cost = paid + (t["cost"] if t["at"] > after else 0)
-    return {"id": rec["id"], "thinking_tokens": t["at"], "probe_tokens": cost,
-            "correct": t["finished"] and is_equiv(t["answer"], rec["gold"]), "cut": True}
+    return _outcome(rec, t, paid=paid + (t["cost"] if t["at"] > after else 0), retracted=int(budget) - t["at"])
 
 
 def fixed_budget(budget: float) -> Callable[[dict], dict]:
@@ -264,27 +278,25 @@ def fixed_budget(budget: float) -> Callable[[dict], dict]:
 
 
 def signal_budget(first: int, threshold: float, low: float, high: float) -> Callable[[dict], dict]:
-    """Probe once, at the first probe point at or past ``first`` thinking tokens; if that probe's
-    answer came out with confidence >= ``threshold`` the budget is ``low`` (``low <= first``
-    stops right there), else ``high`` (inf: unlimited). What the model shows while thinking sets
-    its own budget."""
+    """SignalBudget, replayed: probe once, at the first probe point at or past ``first``
+    thinking tokens; if that probe's answer came out with confidence >= ``threshold`` the budget
+    is ``low`` (``low <=`` that point stops right there), else ``high`` (inf: unlimited). Until
+    that probe the budget is ``high``: a run with no probe point past ``first`` within ``high``
+    is cut at ``high`` with no signal. What the model shows while thinking sets its own budget."""
     def run(rec: dict) -> dict:
         ts = [t for t in trials_of(rec) if t["at"] >= first]
-        if not ts or rec["thinking_tokens"] <= ts[0]["at"]:
-            return cut_at(rec, math.inf)
+        if not ts or ts[0]["at"] > high:
+            return cut_at(rec, high)
         probe = ts[0]
         sure = probe["finished"] and probe["confidence"] >= threshold
-        budget = max(low, probe["at"]) if sure else high
-        if sure and budget == probe["at"]:
-            return {"id": rec["id"], "thinking_tokens": probe["at"], "probe_tokens": probe["cost"],
-                    "correct": probe["finished"] and is_equiv(probe["answer"], rec["gold"]), "cut": True}
-        return cut_at(rec, budget, paid=probe["cost"], after=probe["at"]) if budget >= probe["at"] else cut_at(rec, budget)
+        return cut_at(rec, max(low, probe["at"]) if sure else high, paid=probe["cost"], after=probe["at"])
     return run
 
 
 def length_budget(pred: LengthPredictor, scale: float) -> Callable[[dict], dict]:
-    """The prompt-length predictor's budget (scaled), cut at a probe point."""
-    return lambda rec: cut_at(rec, scale * pred(int(rec.get("prompt_tokens", 0))))
+    """The prompt-length predictor's budget (scaled and rounded as AdaptiveBudget does), cut at a
+    probe point."""
+    return lambda rec: cut_at(rec, max(0, int(round(pred(int(rec.get("prompt_tokens", 0))) * scale))))
 
 
 def budget_row(recs: Sequence[dict], policy: Callable[[dict], dict], name: str) -> dict:
@@ -293,11 +305,13 @@ def budget_row(recs: Sequence[dict], policy: Callable[[dict], dict], name: str) 
     k = sum(r["correct"] for r in runs)
     base = [bool(r["correct"]) for r in recs]
     base_t = sum(r["thinking_tokens"] for r in recs)
-    net = sum(r["thinking_tokens"] + r["probe_tokens"] for r in runs)
+    # what a live run decodes: the thinking kept, the probes, and the thinking taken back at a cut
+    net = sum(r["thinking_tokens"] + r["probe_tokens"] + r["retracted_tokens"] for r in runs)
     lo, hi = wilson(k, n)
     return {"policy": name, "n": n, "accuracy": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi,
             "delta_vs_unlimited": (k - sum(base)) / n if n else 0.0, "mcnemar_p": mcnemar(base, [r["correct"] for r in runs]),
             "net_tokens": net / n if n else 0.0, "saved_net": (base_t - net) / base_t if base_t else 0.0,
+            "retracted_tokens": sum(r["retracted_tokens"] for r in runs) / n if n else 0.0,
             "cuts": sum(r["cut"] for r in runs), "correct_list": [bool(r["correct"]) for r in runs]}
 
 
@@ -480,7 +494,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         reports[res["label"]] = res["calibration_test"]
         md.append(f"## {res['label']} (validation {res['validation']}, test {res['test']})\n\n" + markdown(res["rows"]))
         if res["budgets"]["pairs"]:
-            md.append("Budgets at equal mean tokens (cut at a probe point, answer read by the probe; test slice):\n\n"
+            md.append("Budgets at equal mean tokens (cut at a probe point, answer read by the probe: the live "
+                      "budget-probe and signal policies; net tokens include those taken back at a cut; test slice):\n\n"
                       + budget_markdown(res["budgets"]))
         ct = res["calibration_test"]
         if ct.get("probes"):

@@ -15,6 +15,7 @@ _EVENTS = (
     "Retracted",
     "Probe",
     "BudgetChosen",
+    "BudgetFromProbe",
     "AnswerBudgetExhausted",
     "Injected",
     "BudgetExhausted",

@@ -8,8 +8,9 @@ dispatch on the type (``isinstance``), never on a string:
 - what happened to the reply besides its text, all :class:`ControlEvent` subclasses:
   :class:`ThinkingDone` (thinking closed, with its figures), :class:`Retracted` (text already
   streamed is taken back), :class:`Probe` (an early-exit trial answer and its confidence),
-  :class:`BudgetChosen` (a per-query budget), :class:`AnswerBudgetExhausted` (the reply was
-  stopped), and the :class:`Injected` family - a controller put text into the stream:
+  :class:`BudgetChosen` and :class:`BudgetFromProbe` (a per-query budget),
+  :class:`AnswerBudgetExhausted` (the reply was stopped), and the :class:`Injected` family - a
+  controller put text into the stream:
   :class:`BudgetExhausted`, :class:`ThinkingClosedAtBudget`, :class:`WaitInjected`,
   :class:`ThinkingUnclosed`, :class:`EarlyExited`;
 - :class:`TokenLogprobs` for every committed token when ``SamplingParams.logprobs`` asks;
@@ -107,6 +108,18 @@ class BudgetChosen(ControlEvent):
 
 
 @dataclass(frozen=True)
+class BudgetFromProbe(ControlEvent):
+    """A probe-signal budget read its one probe (at ``at`` thinking tokens, the answer with this
+    ``confidence``) and set this run's thinking cap from it (``budget``; None: no cap)."""
+
+    kind: ClassVar[str] = "signal_budget"
+    budget: int | None
+    at: int
+    confidence: float
+    sure: bool
+
+
+@dataclass(frozen=True)
 class AnswerBudgetExhausted(ControlEvent):
     """The answer budget ran out: the reply stops here (finish ``length``)."""
 
@@ -122,8 +135,9 @@ class Injected(ControlEvent):
 
 @dataclass(frozen=True)
 class BudgetExhausted(Injected):
-    """The thinking cap was reached: thinking was closed (with the end message, or at the last
-    finished step when ``cut == "step"``)."""
+    """The thinking cap was reached: thinking was closed (with the end message, at the last
+    finished step when ``cut == "step"``, or at a probe point with the probe's answer when
+    ``cut == "probe"``); ``thinking_tokens`` are those kept."""
 
     kind: ClassVar[str] = "budget_exhausted"
     thinking_tokens: int

@@ -404,8 +404,12 @@ class Loop:
             self.stats.exit_reason = action.exit_reason
         if action.retract:
             events += self.retract(action.retract)
-        if action.text:
-            toks = self.backend.tokenize(action.text, special=True)
+        text = action.text
+        if action.then is not None:
+            text += action.then(self.gen)  # it may probe from the retracted state
+            events += self.take_events()
+        if text:
+            toks = self.backend.tokenize(text, special=True)
             if self.backend.n_past + len(toks) >= self.backend.n_ctx:
                 return events
             self.stats.injected_tokens += len(toks)

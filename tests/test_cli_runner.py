@@ -151,6 +151,12 @@ def test_chat_answers_on_stdout_and_talks_on_stderr(models):
         (["--effort", "extreme"], "unknown effort 'extreme'"),
         (["--think-budget", "-1"], "max_thinking must be >= 0 tokens, got -1"),
         (["--min-thinking", "9", "--think-budget", "3"], "min_thinking (9) is above max_thinking (3)"),
+        (["--budget-cut", "probe"], "--budget-cut needs --think-budget or --effort"),
+        (["--signal-budget", "40:0.9"], "a signal budget is FIRST:THRESHOLD:LOW:HIGH"),
+        (["--signal-budget", "4:0.9:6:x"], "a signal budget is FIRST:THRESHOLD:LOW:HIGH"),
+        (["--signal-budget", "4:0.9:6:3"], "the signal budget's low (6) is above its high (3)"),
+        (["--signal-budget", "4:0.9:2:8", "--think-budget", "3"], "--signal-budget sets its own caps"),
+        (["--signal-budget", "4:0.9:2:8", "--budget-cut", "step"], "--signal-budget cuts at probe points"),
         (["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
         (["--temperature", "nan"], "temperature must be a finite number, got nan"),
         (["--seed", "-7"], "or -1 for a random seed"),
@@ -275,3 +281,19 @@ def test_serve_options_take_the_server_defaults():
     for flag, value in (("--max-tokens-limit", c.max_tokens_limit), ("--default-max-tokens", c.default_max_tokens),
                         ("--max-queue", c.max_queue), ("--port", c.port)):
         assert f"{flag} INTEGER" in text and f"[default: {value}]" in text
+
+
+def test_budget_cut_and_signal_budget_reach_the_loop(models):
+    """SCRIPT's probe points are at 2, 4 and 6 thinking tokens; the scripted model's trial answer
+    is sure from 4 on."""
+    trial = lambda n: ("7", 0.99) if n >= 4 else ("3", 0.1)  # noqa: E731
+    models.make = lambda: ScriptedBackend(SCRIPT, ANSWER, chat_template=THINK_TEMPLATE, trial=trial)
+    base = ("run", "What is x?", "--backend", "scripted", "--temperature", "0", "--json")
+    probe = json.loads(invoke(*base, "--think-budget", "5", "--budget-cut", "probe").stdout)
+    assert (probe["stats"]["thinking_tokens"], probe["stats"]["retracted_tokens"], probe["stats"]["probes"]) == (4, 1, 1)
+    assert probe["answer"].endswith("\\boxed{7}")
+    step = json.loads(invoke(*base, "--think-budget", "5", "--budget-cut", "step").stdout)["stats"]
+    assert (step["thinking_tokens"], step["probes"]) == (4, 0)
+    signal = json.loads(invoke(*base, "--signal-budget", "3:0.9:3:9").stdout)
+    assert (signal["stats"]["thinking_tokens"], signal["stats"]["probes"], signal["stats"]["exit_reason"]) == (4, 1, "budget")
+    assert [c["kind"] for c in signal["controls"]][:2] == ["probe", "signal_budget"]

@@ -242,6 +242,71 @@ def test_step_cut_rolls_back_the_unfinished_step():
         ThinkingBudget(max_thinking=3, cut="sentence")
 
 
+def test_probe_cut_ends_at_the_last_probe_point_with_the_probes_answer():
+    """SCRIPT's probe points are at 2, 4 and 6 thinking tokens (before "Step two.", "So x" and
+    "Wait"); its thinking is 11 tokens with the close. A probe cut at cap B keeps the last point
+    <= B, takes back the tokens since, and ends thinking with the probe read there."""
+    b = lambda: backend(trial=confident_after(4))  # noqa: E731
+    for cap, kept, answer in ((3, 2, "3"), (4, 4, "7"), (9, 6, "7"), (10, 6, "7")):
+        r, events = run(b(), [ThinkingBudget(max_thinking=cap, cut="probe")])
+        (cut,) = controls(events, BudgetExhausted)
+        (probe,) = controls(events, Probe)
+        assert cut.summary() == {"kind": "budget_exhausted", "thinking_tokens": kept, "budget": cap, "cut": "probe"}
+        assert (r.stats.thinking_tokens, r.stats.retracted_tokens, r.stats.exit_reason) == (kept, cap - kept, "budget")
+        assert probe.at == kept and r.stats.probe_tokens == probe.cost and r.answer == "**Final Answer**\n\\boxed{" + answer + "}"
+        assert [e.tokens for e in controls(events, Retracted)] == ([cap - kept] if cap > kept else [])
+        assert events.index(cut) < events.index(probe)  # reported, taken back, then read
+    # no probe point within the cap: thinking goes on to the first one, nothing taken back
+    r, events = run(b(), [ThinkingBudget(max_thinking=1, cut="probe")])
+    assert (r.stats.thinking_tokens, r.stats.retracted_tokens, controls(events, BudgetExhausted)[0].thinking_tokens) == (2, 0, 2)
+    # thinking ends within the cap (the close is the 11th thinking token): the unlimited run
+    full, _ = run(b())
+    r, events = run(b(), [ThinkingBudget(max_thinking=11, cut="probe")])
+    assert (r.reasoning, r.answer, r.stats.probe_tokens, r.stats.injected_tokens) == (full.reasoning, full.answer, 0, 0)
+    assert not controls(events, BudgetExhausted)
+
+
+def test_probe_cut_leaves_an_end_inside_thinking_alone():
+    """The oracle's run ends where the model ends it; a probe cut within its cap does too (a
+    token or step cut injects the message and makes the model answer)."""
+
+    class EndsWhileThinking(ScriptedBackend):
+        def _next(self):
+            if "</think>" not in self.text() and sum(self.script_base <= t < self.eos_id for t in self.tokens) == 4:
+                return self.eos_id, 0.99
+            return super()._next()
+
+    r, events = run(EndsWhileThinking(SCRIPT, ANSWER), [ThinkingBudget(max_thinking=4, cut="probe")])
+    assert r.stats.thinking_tokens == 4 and r.stats.exit_reason == "eos" and not r.answer and not controls(events, Injected)
+
+
+def test_signal_budget_sets_the_cap_from_its_one_probe():
+    from edge.control.budget import SignalBudget
+    from edge.events import BudgetFromProbe
+
+    b = lambda: backend(trial=confident_after(4))  # noqa: E731
+    # the first point past 3 is 4, where the answer is sure: low <= 4 stops right there
+    r, events = run(b(), [SignalBudget(first=3, threshold=0.9, low=3, high=9)])
+    (sig,) = controls(events, BudgetFromProbe)
+    assert sig.summary() == {"kind": "signal_budget", "budget": 4, "at": 4, "confidence": 0.99, "sure": True}
+    assert (r.stats.thinking_tokens, r.stats.probes, r.stats.retracted_tokens) == (4, 1, 0) and r.answer.endswith("{7}")
+    # at 2 it is not sure: the cap is high (9), cut back to 6, one more probe there
+    r, events = run(b(), [SignalBudget(first=1, threshold=0.9, low=3, high=9)])
+    assert controls(events, BudgetFromProbe)[0].budget == 9
+    assert (r.stats.thinking_tokens, r.stats.probes, r.stats.retracted_tokens) == (6, 2, 3)
+    # sure at 2 with low 5: cut at 4, a second probe; a cut on the signal's own point reuses it
+    r, _ = run(b(), [SignalBudget(first=1, threshold=0.2, low=5, high=9)])
+    assert (r.stats.thinking_tokens, r.stats.probes, r.stats.retracted_tokens) == (4, 2, 1)
+    r, _ = run(b(), [SignalBudget(first=1, threshold=0.9, low=1, high=2)])
+    assert (r.stats.thinking_tokens, r.stats.probes) == (2, 1)
+    # until its probe the cap is high: a first point past high is never reached as a signal
+    r, events = run(b(), [SignalBudget(first=5, threshold=0.9, low=5, high=5)])
+    assert not controls(events, BudgetFromProbe) and (r.stats.thinking_tokens, r.stats.retracted_tokens) == (4, 1)
+    for bad in (dict(low=9, high=3), dict(threshold=1.5), dict(first=-1), dict(cut="step"), dict(max_thinking=5)):
+        with pytest.raises(ConfigError):
+            SignalBudget(**bad)
+
+
 PIECES = ["Wait", " Wait", "Hmm", " Hmm", "Alter", " Alternatively", " But", "But", " wait", "Double", "-check", "x", " x",
           " = 7.", ".", " ", "\n", "\n\n", " \n\n", "<", "</", "think", ">", "</think>", "Wai", " Dou"]
 

@@ -6,14 +6,14 @@ import pytest
 
 from edge.benchmarks.harness import parse_policies
 from edge.cli.controls import control_spec as cli_spec
-from edge.control.budget import DEFAULT_END_MESSAGE, AdaptiveBudget, LengthPredictor, ThinkingBudget
+from edge.control.budget import DEFAULT_END_MESSAGE, AdaptiveBudget, LengthPredictor, SignalBudget, ThinkingBudget
 from edge.control.early_exit import EarlyExit
-from edge.control.spec import BUDGET, EARLY_EXIT, EFFORT, ControlSpec
+from edge.control.spec import BUDGET, EARLY_EXIT, EFFORT, SIGNAL, ControlSpec
 from edge.errors import ConfigError
 from edge.server.protocol import control_spec as request_spec
 
 CLI_DEFAULTS = {"think_budget": None, "effort": None, "min_thinking": 0, "answer_budget": None, "budget_message": None,
-                "early_exit": False, "exit_threshold": None, "exit_mode": None}
+                "budget_cut": None, "signal_budget": None, "early_exit": False, "exit_threshold": None, "exit_mode": None}
 
 
 def cli(**o):
@@ -35,6 +35,12 @@ def policy(text):
         ({"min_thinking": 64}, {"min_thinking_tokens": 64}, "wait:64"),
         ({"early_exit": True, "exit_threshold": 0.9}, {"early_exit": {"threshold": 0.9}}, "early-exit:0.9"),
         ({"early_exit": True, "exit_mode": "consistency"}, {"early_exit": {"mode": "consistency"}}, None),
+        ({"think_budget": 256, "budget_cut": "step"}, {"thinking_budget": 256, "thinking_budget_cut": "step"}, "budget-step:256"),
+        ({"think_budget": 256, "budget_cut": "probe"}, {"thinking_budget": 256, "thinking_budget_cut": "probe"}, "budget-probe:256"),
+        ({"signal_budget": "40:0.9:60:200"}, {"signal_budget": {"first": 40, "threshold": 0.9, "low": 60, "high": 200}},
+         "signal:40:0.9:60:200"),
+        ({"signal_budget": "40:0.9:60:inf"}, {"signal_budget": {"first": 40, "threshold": 0.9, "low": 60}}, "signal:40:0.9:60:inf"),
+        ({"signal_budget": "40:0.9:60:none"}, {"signal_budget": "40:0.9:60:inf"}, "signal:40:0.9:60:inf"),
     ],
 )
 def test_the_same_words_make_the_same_spec_everywhere(flags, fields, text):
@@ -57,6 +63,8 @@ def test_the_spec_builds_the_controllers():
     assert type(ab) is AdaptiveBudget and (ab.scale, ab.cut) == (0.5, "step")
     tb, ee = ControlSpec(think_budget=8, early_exit={"threshold": 0.8, "k": 3}).controllers()
     assert isinstance(ee, EarlyExit) and (ee.threshold, ee.k, ee.mode) == (0.8, 3, EarlyExit().mode)
+    (sb,) = ControlSpec(signal={"first": 4, "threshold": 0.5, "low": 6, "high": None}, answer_budget=9).controllers()
+    assert type(sb) is SignalBudget and (sb.first, sb.threshold, sb.low, sb.high, sb.cut, sb.answer_budget) == (4, 0.5, 6, None, "probe", 9)
     first, second = ControlSpec(early_exit={}).controllers(), ControlSpec(early_exit={}).controllers()
     assert first[0] is not second[0]  # fresh controllers every time
 
@@ -71,6 +79,11 @@ def test_the_spec_builds_the_controllers():
         (ControlSpec(adaptive=1.0), BUDGET),  # no predictor
         (ControlSpec(early_exit={"threshold": 2}), EARLY_EXIT),
         (ControlSpec(early_exit={"treshold": 0.5}), EARLY_EXIT),  # a TypeError of EarlyExit
+        (ControlSpec(think_budget=8, cut="sideways"), BUDGET),
+        (ControlSpec(signal={"first": 4, "threshold": 2.0, "low": 4, "high": None}), SIGNAL),
+        (ControlSpec(signal={"first": 4, "threshold": 0.5, "low": 4, "high": None}, think_budget=9), SIGNAL),
+        (ControlSpec(signal={"first": 4, "threshold": 0.5, "low": 4, "high": None}, cut="step"), SIGNAL),
+        (ControlSpec(signal={"first": 4, "threshold": 0.5, "low": 4, "hihg": 9}), SIGNAL),
     ],
 )
 def test_a_bad_value_names_the_part_of_the_spec(spec, part):

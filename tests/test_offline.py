@@ -155,13 +155,19 @@ def _rec(i, trials, thinking, correct=True, prompt=50):
 
 def test_fixed_budget_cuts_at_the_last_probe_point_in_reach():
     rec = _rec(0, [[40, "3", 0.4, 6, True], [90, "7", 0.9, 6, True], [150, "7", 0.95, 6, True]], 200)
-    assert offline.cut_at(rec, 250) == {"id": "b0", "thinking_tokens": 200, "probe_tokens": 0, "correct": True, "cut": False}
-    r = offline.cut_at(rec, 120)  # the last point in reach is 90 (answer 7): one probe paid
-    assert (r["thinking_tokens"], r["probe_tokens"], r["correct"], r["cut"]) == (90, 6, True, True)
+    assert offline.cut_at(rec, 250) == {"id": "b0", "thinking_tokens": 200, "probe_tokens": 0, "retracted_tokens": 0, "pred": "7",
+                                        "correct": True, "cut": False}
+    r = offline.cut_at(rec, 120)  # the last point in reach is 90 (answer 7): one probe paid, 30 tokens taken back
+    assert (r["thinking_tokens"], r["probe_tokens"], r["retracted_tokens"], r["pred"], r["correct"], r["cut"]) == (90, 6, 30, "7", True, True)
     r = offline.cut_at(rec, 60)
-    assert (r["thinking_tokens"], r["correct"]) == (40, False)
-    r = offline.cut_at(rec, 30)  # no probe point in reach: the answer is unknown, counted wrong
-    assert (r["thinking_tokens"], r["probe_tokens"], r["correct"]) == (30, 0, False)
+    assert (r["thinking_tokens"], r["retracted_tokens"], r["pred"], r["correct"]) == (40, 20, "3", False)
+    r = offline.cut_at(rec, 90)  # the cap lands on a probe point: nothing taken back
+    assert (r["thinking_tokens"], r["retracted_tokens"], r["correct"]) == (90, 0, True)
+    r = offline.cut_at(rec, 30)  # no probe point in reach: thinking goes on to the first one
+    assert (r["thinking_tokens"], r["probe_tokens"], r["retracted_tokens"], r["correct"]) == (40, 6, 0, False)
+    no_points = _rec(2, [], 200)  # no probe point at all: the unlimited run
+    assert offline.cut_at(no_points, 30) == offline.cut_at(no_points, math.inf)
+    assert offline.cut_at(no_points, 30)["thinking_tokens"] == 200
     unfinished = _rec(1, [[90, "7", 0.9, 6, False]], 200)
     assert offline.cut_at(unfinished, 100)["correct"] is False
 
@@ -176,6 +182,15 @@ def test_signal_budget_stops_when_the_first_probe_is_sure():
     assert (unlimited["thinking_tokens"], unlimited["probe_tokens"], unlimited["cut"]) == (200, 6, False)
     short = _rec(1, [[20, "7", 0.99, 6, True]], 25)
     assert offline.signal_budget(30, 0.5, 30, 100)(short)["probe_tokens"] == 0  # finished before the first probe
+    # the first probe point past `first` lies beyond `high`: the run is cut at `high` before any
+    # signal (a live run cannot know what that probe will say), at the last point in reach
+    late = _rec(3, [[20, "3", 0.2, 6, True], [150, "7", 0.99, 6, True]], 200)
+    r = offline.signal_budget(100, 0.9, 100, 120)(late)
+    assert (r["thinking_tokens"], r["probe_tokens"], r["retracted_tokens"], r["correct"]) == (20, 6, 100, False)
+    # no probe point past `first`: no signal, the budget is `high`
+    early = _rec(4, [[20, "3", 0.2, 6, True], [60, "7", 0.99, 6, True]], 200)
+    r = offline.signal_budget(100, 0.9, 100, 120)(early)
+    assert (r["thinking_tokens"], r["probe_tokens"], r["correct"]) == (60, 6, True)
 
 
 def test_budget_comparison_finds_a_signal_that_pays_and_matches_tokens():

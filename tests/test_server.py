@@ -207,6 +207,20 @@ def test_early_exit_field(srv):
     assert extra(chat(srv, extra_body={"early_exit": False}).usage, "edge")["exit_reason"] == "eos"
 
 
+def test_budget_cut_and_signal_budget_fields(srv):
+    """The scripted model's probe points are at 2, 4 and 6 thinking tokens; its trial answer is
+    sure from 5 on (the srv fixture)."""
+    r = chat(srv, extra_body={"thinking_budget": 7, "thinking_budget_cut": "probe"})
+    edge = extra(r.usage, "edge")
+    assert r.usage.completion_tokens_details.reasoning_tokens == 6 and edge["probes"] == 1
+    assert edge["controls"][:2] == [{"kind": "budget_exhausted", "thinking_tokens": 6, "budget": 7, "cut": "probe"},
+                                    {"kind": "thinking", "tokens": 1, "text": "Wait"}]  # the step since, taken back
+    assert r.choices[0].message.content.endswith("\\boxed{7}")
+    for signal in ({"first": 1, "threshold": 0.9, "low": 1, "high": 5}, "1:0.9:1:5"):
+        s = extra(chat(srv, extra_body={"signal_budget": signal}).usage, "edge")  # not sure at 2: cut at 4 (cap 5)
+        assert s["thinking_tokens"] == 4 and [c for c in s["controls"] if c["kind"] == "signal_budget"][0]["sure"] is False
+
+
 def test_sampling_fields_map_to_params(srv):
     r = chat(srv, max_tokens=5)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
@@ -300,6 +314,12 @@ def test_missing_messages_is_400(srv):
         ("early_exit", {"mode": "vibes"}, "early_exit"),
         ("early_exit", {"treshold": 0.5}, "early_exit"),
         ("early_exit", "sometimes", "early_exit"),
+        ("thinking_budget_cut", "sideways", "thinking_budget_cut"),
+        ("thinking_budget_cut", "probe", "thinking_budget_cut"),  # with no budget to cut
+        ("signal_budget", "40:0.9", "signal_budget"),
+        ("signal_budget", {"first": 4, "threshold": 2, "low": 4}, "signal_budget"),
+        ("signal_budget", {"frist": 4}, "signal_budget"),
+        ("signal_budget", 7, "signal_budget"),
         ("logprobs", True, "logprobs"),
     ],
 )

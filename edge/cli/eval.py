@@ -30,7 +30,11 @@ EVAL_SAMPLING = {
               help="math: last \\boxed{} or number, math equivalence (default); exact: the whole answer text.")
 @click.option("--prompt-suffix", default=None, help="Text appended to each question of --data (the built-in math sets ask for \\boxed{}).")
 @click.option("--policy", "policies", multiple=True, default=("unlimited",), show_default=True,
-              help="unlimited | oracle | budget:N[,N..] | effort:L | wait:N | adaptive:S[,S..] | early-exit[:T,..] | dynasor[:K,..]; repeatable.")
+              help="unlimited | oracle | budget:N[,N..] | budget-step:N | budget-probe:N | effort:L | wait:N | adaptive:S[,S..] | "
+                   "adaptive-step:S | adaptive-probe:S | signal:FIRST:THRESHOLD:LOW:HIGH[,..] | early-exit[:T,..] | dynasor[:K,..]; "
+                   "repeatable. budget-step cuts back to the last paragraph break and the model answers freely; budget-probe "
+                   "cuts back to the last probe point and answers with the probe there, and signal sets the cap from one "
+                   "probe's confidence: these two are what 'python -m edge.benchmarks.offline' replays from an oracle run.")
 @click.option("--limit", type=int, default=None, help="Evaluate the first N problems (spread over levels).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for records.jsonl, summary, curve.csv and curve.png; an interrupted run given the same folder resumes.")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -46,13 +46,17 @@ class Action:
     """What a controller wants: inject ``text`` into the stream (tokenized and evaluated as if
     the model had written it) and/or stop. ``retract`` first takes back that many committed
     tokens (used to drop the bytes of an unfinished UTF-8 character before an injection).
-    ``event`` is what front ends are told (yielded before any of the action's text)."""
+    ``event`` is what front ends are told (yielded before any of the action's text).
+    ``then``, if given, is called with the run once the retraction is done and its result is
+    injected after ``text``: a text that can only be known from the retracted state (a budget
+    cut back to an earlier step probes there for the answer it ends thinking with)."""
 
     event: ControlEvent
     text: str = ""
     stop: bool = False
     retract: int = 0
     exit_reason: str | None = None
+    then: "Callable[[Generation], str] | None" = None
 
 
 @dataclass

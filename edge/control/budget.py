@@ -1,12 +1,13 @@
 """Thinking budgets: a hard cap, a minimum with "Wait" extension, effort levels, thinking off,
-and an adaptive per-query budget.
+an adaptive per-query budget, and one set by an early probe's confidence (:class:`SignalBudget`).
 
 :class:`ThinkingBudget` contract
 - Thinking tokens never exceed ``max_thinking``: when the cap is reached the next sampled token
   is replaced by ``end_message`` + the closing tag (a token that would leave a UTF-8 character
-  unfinished is taken back first, so no character is split), and the model answers.
+  unfinished is taken back first, so no character is split), and the model answers. (With
+  ``cut="probe"``, below, a first step longer than the cap is the one exception.)
 - If the model ends (EOS) while still thinking, the same message is injected, so an answer is
-  always produced.
+  always produced (not with ``cut="probe"``, below).
 - ``answer_budget`` caps the answer tokens that follow (the reply then stops, finish "length").
 - ``min_thinking``: if the model closes thinking (or ends) earlier, the close is replaced by
   ``wait_text`` (s1's budget forcing), at most ``max_waits`` times.
@@ -16,6 +17,18 @@ and an adaptive per-query budget.
   message. A model that never saw truncated reasoning answers from a finished step far
   better than from half a sentence. The rolled-back tokens are reported (a
   :class:`~edge.events.Retracted` event, ``stats.retracted_tokens``) and count as spent.
+- ``cut="probe"``: the cut that ``benchmarks/offline.py`` replays from an oracle run, so that
+  under greedy decoding the replayed figures *are* this controller's. When the cap is reached,
+  thinking goes back to the last probe point at or before it (a step boundary where early exit
+  would probe, :class:`~edge.control.early_exit.StepPoints`; a budget landing exactly on one
+  keeps it, nothing retracted) and ends the way an early exit does: the probe
+  (:class:`~edge.control.early_exit.AnswerProbe`: closing tag and answer inducer, a short greedy
+  answer, counted in ``stats.probe_tokens``) is read there and its text injected, so the answer
+  is the one the oracle's probe read at that point. With no probe point yet, thinking goes on
+  to the first one and is cut there (never inside the first step; a model that writes no step
+  boundary thinks unlimited). A run whose thinking ends within the cap, by a close or by the
+  end of the reply (nothing is injected then), is the unlimited run. The cap counts the tokens
+  the oracle counts: at the cap a sampled close is cut like any token, an end of reply is not.
 """
 
 from __future__ import annotations
@@ -25,11 +38,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from edge.control.base import Action, Controller
+from edge.control.early_exit import AnswerProbe, StepPoints, check_unit
 from edge.errors import ConfigError
 from edge.events import (
     AnswerBudgetExhausted,
     BudgetChosen,
     BudgetExhausted,
+    BudgetFromProbe,
     ThinkingClosedAtBudget,
     ThinkingUnclosed,
     WaitInjected,
@@ -40,6 +55,7 @@ DEFAULT_END_MESSAGE = "\n\nConsidering the limited time by the user, I have to g
 DEFAULT_WAIT = "\nWait"
 MAX_BUDGET = 1_000_000
 
+CUTS = ("token", "step", "probe")
 EFFORT_BUDGETS: dict[str, int | None] = {"off": 0, "low": 512, "medium": 2048, "high": 8192, "max": None}
 
 
@@ -79,8 +95,8 @@ class ThinkingBudget(Controller):
     name: str = field(default="budget", init=False)
 
     def __post_init__(self) -> None:
-        if self.cut not in ("token", "step"):
-            raise ConfigError(f"cut must be 'token' or 'step', got {self.cut!r}")
+        if self.cut not in CUTS:
+            raise ConfigError(f"cut must be one of {', '.join(CUTS)}; got {self.cut!r}")
         check_budget("max_thinking", self.max_thinking)
         check_budget("min_thinking", self.min_thinking, allow_none=False)
         check_budget("answer_budget", self.answer_budget)
@@ -95,6 +111,11 @@ class ThinkingBudget(Controller):
         self._answer_start = None
         self._step_end = 0  # thinking tokens at the last paragraph break
         self._budget: int | None | object = _UNSET  # budget_for(gen), asked once per run
+        if self.cut == "probe":
+            # the oracle's probe points and probe (EarlyExit's defaults, as harness.ORACLE_PROBES)
+            self._steps, self._prober = StepPoints(), AnswerProbe()
+            self._point: int | None = None  # thinking tokens at the last probe point
+            self._reading: tuple[dict, str] | None = None  # a probe already read there
 
     def on_commit(self, gen, piece: str) -> Action | None:
         if gen.thinking and gen.thinking_text.endswith("\n\n"):
@@ -125,6 +146,8 @@ class ThinkingBudget(Controller):
             if self.answer_budget is not None and gen.answer_tokens - self._answer_start >= self.answer_budget and not eos:
                 return Action(AnswerBudgetExhausted(gen.answer_tokens), stop=True, exit_reason="length")
             return None
+        if self.cut == "probe":
+            return self._probe_cut(gen, sampled, eos)
         n, budget = gen.stats.thinking_tokens, self._budget
         if budget is _UNSET:
             budget = self._budget = self.budget_for(gen)
@@ -154,6 +177,39 @@ class ThinkingBudget(Controller):
         if eos:
             # the model stopped without closing its thinking: make it answer
             return Action(ThinkingUnclosed(gen.thinking_tokens), text=self._end_text(gen), retract=gen.pending_tokens)
+        return None
+
+    # -- cut="probe" --------------------------------------------------------------------------
+    def _probe_cut(self, gen, sampled, eos: bool) -> Action | None:
+        n = gen.thinking_tokens
+        if n < self.min_thinking and self.waits < self.max_waits and (eos or gen.would_close_thinking(sampled.token)):
+            self.waits += 1
+            return Action(WaitInjected(n, self.waits), text=self.wait_text)
+        if eos:
+            return None  # thinking ended within the cap (or past it, in the first step): as the model chose
+        if self._steps.starts_step(gen, sampled.token):
+            self._point, self._reading = n, None
+            action = self.on_step(gen)
+            if action is not None:
+                return action
+        budget = self.budget_for(gen)
+        if budget is None or n < budget or self._point is None:
+            return None  # within the cap, or no step finished yet: the cut waits for the first
+        # back to the last probe point (none to retract when it is here), then the probe's answer
+        # ends thinking: read there now, or the one already read there
+        reading = self._reading
+        return Action(
+            BudgetExhausted(self._point, budget, cut="probe"),
+            retract=n - self._point,
+            then=lambda g: (reading or self._prober.read(g))[1],
+            exit_reason="budget",
+        )
+
+    def on_step(self, gen) -> Action | None:
+        """``cut="probe"``: called at each probe point (``gen.thinking_tokens`` of them, the
+        sampled token not yet committed) before the cap is checked. A subclass may probe here
+        (``self._reading = self._prober.read(gen)``: a cut at this point then reuses it), change
+        what :meth:`budget_for` says, or act."""
         return None
 
 
@@ -229,3 +285,52 @@ class AdaptiveBudget(ThinkingBudget):
 
     def budget_for(self, gen) -> int | None:
         return self.current
+
+
+@dataclass
+class SignalBudget(ThinkingBudget):
+    """A budget set by what the model shows while thinking: one probe, at the first probe point
+    at or past ``first`` thinking tokens; if its answer finished with confidence >= ``threshold``
+    the cap is ``low`` (a point at or past ``low`` stops right there), else ``high`` (None: no
+    cap). Until that probe the cap is ``high``. Cuts are ``cut="probe"`` cuts, and the signal
+    probe is one of them: a cut at its point reuses its answer. This is
+    ``benchmarks/offline.py``'s ``signal_budget(first, threshold, low, high)``, live."""
+
+    first: int = 0
+    threshold: float = 0.9
+    low: int = 0
+    high: int | None = None
+    cut: str = "probe"
+    name: str = field(default="signal_budget", init=False)
+
+    def __post_init__(self) -> None:
+        if self.cut != "probe":
+            raise ConfigError(f"the signal budget cuts at probe points (cut='probe'), got cut={self.cut!r}")
+        if self.max_thinking is not None:
+            raise ConfigError("the signal budget's caps are its low and high budgets; give no other thinking budget")
+        super().__post_init__()
+        check_budget("first", self.first, allow_none=False)
+        check_budget("low", self.low, allow_none=False)
+        check_budget("high", self.high)
+        check_unit("threshold", self.threshold)
+        if self.high is not None and self.low > self.high:
+            raise ConfigError(f"the signal budget's low ({self.low}) is above its high ({self.high})")
+
+    def start(self, gen) -> None:
+        super().start(gen)
+        self._current: int | None = self.high
+        self._signal: dict | None = None
+
+    def budget_for(self, gen) -> int | None:
+        return self._current
+
+    def on_step(self, gen) -> Action | None:
+        n = gen.thinking_tokens
+        if self._signal is not None or n < self.first:
+            return None
+        self._reading = self._prober.read(gen)
+        trial = self._signal = self._reading[0]
+        sure = bool(trial["finished"]) and trial["confidence"] >= self.threshold
+        self._current = max(self.low, n) if sure else self.high
+        gen.emit(BudgetFromProbe(self._current, n, round(trial["confidence"], 4), sure))
+        return None

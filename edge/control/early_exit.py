@@ -142,6 +142,73 @@ def _first_words(words: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...
     return frozenset(w.split()[0] for w in words if w.split()), words
 
 
+class StepPoints:
+    """Where :class:`EarlyExit` may probe: the step boundaries of the thinking, decided on the
+    token about to be committed (``n`` thinking tokens are committed; the point is ``n``).
+
+    :meth:`starts_step` is ``is_boundary(thinking text, token text)`` for a token that neither
+    ends the reply nor closes thinking, at a whole character, after at least one thinking token.
+    Every policy that cuts "at a probe point" (the oracle's probes, early exit, budgets with
+    ``cut="probe"``) asks this one rule, so their points are the same. It runs at every thinking
+    token: each token id's text is classified once (see :meth:`_kind`)."""
+
+    def __init__(self, words=DEFAULT_WORDS) -> None:
+        self.words = tuple(words)
+        self._kinds: dict[int, int] = {}  # token id -> what its text alone says about starting a step
+
+    def starts_step(self, gen, token: int) -> bool:
+        """True when ``token``, sampled while thinking, starts a new step (see the class)."""
+        if gen.pending_bytes or gen.thinking_tokens < 1:
+            return False
+        kind = self._kinds.get(token)
+        if kind is None:
+            kind = self._kinds[token] = self._kind(gen, token)
+        if kind == _NEVER or (gen.parser.held and gen.would_close_thinking(token)):
+            return False
+        text = gen.thinking_text
+        if not text or text.isspace():
+            return False
+        return text.endswith("\n\n") or not (kind == _PLAIN or (kind == _WORD_INNER and not text[-1].isspace()))
+
+    def _kind(self, gen, token: int) -> int:
+        """Classify a token by its text alone: _NEVER (end of sequence, contains the closing
+        tag, or blank), _PLAIN (starts a step only after a blank line), _WORD (a reflection word
+        with its leading space: starts a step after any non-blank text) or _WORD_INNER (a
+        reflection word without the space: only after whitespace)."""
+        piece = gen.piece(token)
+        if token in gen.eos or gen.parser.tags.close in piece or not piece or piece.isspace():
+            return _NEVER
+        if not is_boundary("x ", piece, self.words):
+            return _PLAIN
+        return _WORD if is_boundary("x", piece, self.words) else _WORD_INNER
+
+
+@dataclass(frozen=True)
+class AnswerProbe:
+    """The probe: append the answer ``inducer`` (closing thinking), decode a short trial answer
+    greedily up to ``answer_stop`` or ``max_tokens``, read its ``confidence``, roll it back.
+    :meth:`read` gives the trial (as :class:`~edge.events.Probe` reports it, and as the oracle
+    records it) and the text that ends thinking with that answer: the inducer and the trial's
+    tokens, which under greedy decoding is what the model would write after the inducer."""
+
+    inducer: str = DEFAULT_INDUCER
+    answer_stop: tuple[str, ...] = ("}",)
+    max_tokens: int = 16
+    confidence: str = "mean"
+
+    def read(self, gen) -> tuple[dict, str]:
+        res = gen.probe(self.inducer, max_tokens=self.max_tokens, stop=self.answer_stop)
+        trial = {
+            "at": gen.thinking_tokens,
+            "answer": boxed_answer(res.text),
+            "confidence": res.confidence(self.confidence),
+            "finished": res.finished,
+            "cost": res.cost,
+        }
+        gen.emit(Probe(**trial))
+        return trial, self.inducer + res.text
+
+
 @dataclass
 class EarlyExit(Controller):
     threshold: float = 0.95
@@ -181,6 +248,7 @@ class EarlyExit(Controller):
             raise ConfigError("probe_max_tokens must be >= 1")
         if self.window < 1:
             raise ConfigError("window must be >= 1")
+        self.prober = AnswerProbe(self.inducer, tuple(self.answer_stop), self.probe_max_tokens, self.confidence)
         self.start(None)
 
     def start(self, gen) -> None:
@@ -189,8 +257,7 @@ class EarlyExit(Controller):
         # (logits sampled from, token, index in gen.generated) of the last thinking tokens
         # sampled; whether each was committed is checked only when the gate is read
         self._recent: deque[tuple[np.ndarray, int, int]] = deque(maxlen=2 * self.window)
-        # token id -> what its text alone says about starting a step (see _token_kind)
-        self._kinds: dict[int, int] = {}
+        self._steps = StepPoints(self.words)
 
     def _window_logits(self, gen) -> tuple[np.ndarray, np.ndarray]:
         """The logits (one row per token, a fresh array) and tokens of the last ``window``
@@ -232,18 +299,6 @@ class EarlyExit(Controller):
         x[rows, toks] = chosen
         return self._mean_prob(x, toks) >= self.gate
 
-    def _token_kind(self, gen, token: int) -> int:
-        """Classify a token by its text alone, once per token id: _NEVER (end of sequence,
-        contains the closing tag, or blank), _PLAIN (starts a step only after a blank line),
-        _WORD (a reflection word with its leading space: starts a step after any non-blank
-        text) or _WORD_INNER (a reflection word without the space: only after whitespace)."""
-        piece = gen.piece(token)
-        if token in gen.eos or gen.parser.tags.close in piece or not piece or piece.isspace():
-            return _NEVER
-        if not is_boundary("x ", piece, self.words):
-            return _PLAIN
-        return _WORD if is_boundary("x", piece, self.words) else _WORD_INNER
-
     def decide(self) -> bool:
         last = self.trials[-1]
         if self.mode == "calibrated":
@@ -261,9 +316,8 @@ class EarlyExit(Controller):
         return hook == "on_token" and thinking  # nothing to do once thinking is over
 
     def on_token(self, gen, sampled) -> Action | None:
-        # This runs at every thinking token, so it is written for speed: the cheap tests come first,
-        # and the token's text is classified once per token id; the outcome is that of
-        # is_boundary(thinking text, token text) plus the gate.
+        # This runs at every thinking token, so it is written for speed: the cheap tests (the
+        # probe schedule) come first; the outcome is that of StepPoints.starts_step plus the gate.
         token, thinking = sampled.token, gen.parser.thinking
         if thinking and self.gate > 0:
             # the gate keeps the logits and normalizes them only when read
@@ -273,15 +327,7 @@ class EarlyExit(Controller):
         n = gen.stats.thinking_tokens
         if n < self.min_thinking or n < 1 or n - self._last_probe_at < self.min_gap:
             return None
-        kind = self._kinds.get(token)
-        if kind is None:
-            kind = self._kinds[token] = self._token_kind(gen, token)
-        if kind == _NEVER or (gen.parser.held and gen.would_close_thinking(token)):
-            return None
-        text = gen.thinking_text
-        if not text or text.isspace():
-            return None
-        if not text.endswith("\n\n") and (kind == _PLAIN or (kind == _WORD_INNER and not text[-1].isspace())):
+        if not self._steps.starts_step(gen, token):
             return None
         if self.gate > 0 and not self.gate_open(gen):
             return None
@@ -290,21 +336,13 @@ class EarlyExit(Controller):
     def probe_step(self, gen) -> Action | None:
         """Probe now: record the trial, and return the exit action when :meth:`decide` says
         the answer is settled (subclasses that choose their own probe points call this)."""
-        res = gen.probe(self.inducer, max_tokens=self.probe_max_tokens, stop=self.answer_stop)
+        trial, text = self.prober.read(gen)
         self._last_probe_at = gen.thinking_tokens
-        trial = {
-            "at": gen.thinking_tokens,
-            "answer": boxed_answer(res.text),
-            "confidence": res.confidence(self.confidence),
-            "finished": res.finished,
-            "cost": res.cost,
-        }
         self.trials.append(trial)
-        gen.emit(Probe(**trial))
         if self.record_only or not self.decide():
             return None
         return Action(
             EarlyExited(gen.thinking_tokens, trial["answer"], round(trial["confidence"], 4), len(self.trials)),
-            text=self.inducer + res.text,
+            text=text,
             exit_reason="early_exit",
         )

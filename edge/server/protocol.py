@@ -14,6 +14,11 @@ Fields beyond OpenAI's (all optional):
 - ``reasoning_effort``: ``off | low | medium | high | max`` (``minimal`` = low, ``none`` = off),
   a thinking budget from :data:`edge.control.budget.EFFORT_BUDGETS`;
 - ``thinking_budget`` (alias ``max_thinking_tokens``) and ``min_thinking_tokens``;
+  ``thinking_budget_cut``: ``token`` (default), ``step`` or ``probe`` (where the budget cuts, see
+  :class:`~edge.control.budget.ThinkingBudget`);
+- ``signal_budget``: ``{"first", "threshold", "low", "high"}`` or the string
+  ``"FIRST:THRESHOLD:LOW:HIGH"``: a budget set by one early probe's confidence
+  (:class:`~edge.control.budget.SignalBudget`; no other thinking budget with it);
 - ``early_exit``: ``true`` or ``{"threshold", "mode", "confidence", "k", "min_thinking", ...}``;
 - ``chat_template_kwargs: {"enable_thinking": false}`` skips thinking (vLLM / llama-server style);
 - ``reasoning_prompt``: ``"step"``, ``"r1"``, an instruction text, or ``false``/``"none"``: prompted
@@ -34,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from edge.control.base import Controller
-from edge.control.spec import EARLY_EXIT, EFFORT, ControlSpec
+from edge.control.budget import CUTS
+from edge.control.spec import EARLY_EXIT, EFFORT, SIGNAL, SIGNAL_KEYS, ControlSpec, parse_signal
 from edge.errors import ConfigError
 from edge.params import MAX_TOP_LOGPROBS, SamplingParams, request_fields
 
@@ -215,6 +221,17 @@ def control_spec(body: dict) -> tuple[ControlSpec, str | None]:
     if effort is not None and budget_name:
         raise bad("reasoning_effort", f"give either 'reasoning_effort' or '{budget_name}', not both")
     min_thinking = _int(body, "min_thinking_tokens", 0) or None  # 0 asks for nothing
+    signal = _signal(body)
+    if signal is not None and (budget_name or effort is not None):
+        raise bad("signal_budget", f"'signal_budget' sets its own caps; give no '{budget_name or 'reasoning_effort'}' with it")
+    cut = _str(body, "thinking_budget_cut")
+    if cut is not None:
+        if cut not in CUTS:
+            raise bad("thinking_budget_cut", f"'thinking_budget_cut' must be one of {', '.join(CUTS)}, got {cut!r}")
+        if signal is None and not budget_name and effort is None:
+            raise bad("thinking_budget_cut", "'thinking_budget_cut' needs 'thinking_budget' or 'reasoning_effort'")
+        if signal is not None and cut != "probe":
+            raise bad("thinking_budget_cut", f"'signal_budget' cuts at probe points; 'thinking_budget_cut' {cut!r} does not apply")
 
     ee = body.get("early_exit")
     early_exit: dict[str, Any] | None = None
@@ -229,8 +246,26 @@ def control_spec(body: dict) -> tuple[ControlSpec, str | None]:
         else:
             raise bad("early_exit", "'early_exit' must be true, false or an object", "invalid_type")
     spec = ControlSpec(think_budget=budget, effort=None if effort is None else EFFORT_ALIASES.get(effort, effort),
-                       min_thinking=min_thinking, early_exit=early_exit)
+                       min_thinking=min_thinking, cut=cut or "token", signal=signal, early_exit=early_exit)
     return spec, budget_name
+
+
+def _signal(body: dict) -> dict[str, Any] | None:
+    v = body.get("signal_budget")
+    if v is None or v is False:
+        return None
+    try:
+        if isinstance(v, str):
+            return parse_signal(v)
+    except ConfigError as exc:
+        raise bad("signal_budget", str(exc)) from None
+    if not isinstance(v, dict):
+        raise bad("signal_budget", "'signal_budget' must be an object {first, threshold, low, high} or 'FIRST:THRESHOLD:LOW:HIGH'",
+                  "invalid_type")
+    unknown = sorted(set(v) - set(SIGNAL_KEYS))
+    if unknown:
+        raise bad("signal_budget", f"unknown signal_budget setting(s) {', '.join(unknown)}; known: {', '.join(SIGNAL_KEYS)}")
+    return {k: v.get(k) for k in SIGNAL_KEYS}  # no "high": no cap; the controller checks the rest
 
 
 def controllers(body: dict) -> list[Controller]:
@@ -244,6 +279,8 @@ def controllers(body: dict) -> list[Controller]:
             raise bad("early_exit", f"invalid early_exit: {exc}") from None
         if exc.param == EFFORT:
             raise bad("reasoning_effort", str(exc)) from None
+        if exc.param == SIGNAL:
+            raise bad("signal_budget", f"invalid signal_budget: {exc}") from None
         raise bad(budget_name or ("reasoning_effort" if spec.effort else "min_thinking_tokens"), str(exc)) from None
 
 
