@@ -534,7 +534,7 @@ def test_cli_convert_then_run(ckpts, tmp_path, cli):
 def test_cli_int4_options_are_recorded(ckpts, tmp_path, cli):
     out = tmp_path / "int4"
     proc = cli("convert", "onnx", str(ckpts["llama"]), str(out), "--weights", "int4", "--symmetric", "--block-size", "16",
-               "--embedding-bits", "8", "--int8-layers", "1", "--kv-dtype", "float32", "--accuracy-level", "0", "--no-grid-search")
+               "--embedding-bits", "8", "--int8-layers", "1", "--kv-dtype", "float32", "--accuracy-level", "0")
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "edge_onnx.json").read_text())
     assert manifest["quantization"] == {
@@ -558,13 +558,13 @@ def test_gptq_export(ckpts, tmp_path):
     rtn = to_onnx(ckpts["qwen2"], tmp_path / "rtn", weights="int4")
     gptq = to_onnx(ckpts["qwen2"], tmp_path / "gptq", weights="int4", quant=replace(INT4, method="gptq"),
                    calibration_texts=texts)
-    full_range = to_onnx(ckpts["qwen2"], tmp_path / "full", weights="int4",
-                         quant=replace(INT4, method="gptq", grid_search=False), calibration_texts=texts)
+    searched = to_onnx(ckpts["qwen2"], tmp_path / "searched", weights="int4",
+                       quant=replace(INT4, method="gptq", grid_search=True), calibration_texts=texts)
     recorded = json.loads((gptq / "edge_onnx.json").read_text())["quantization"]
-    assert recorded["method"] == "gptq" and recorded["grid_search"] is True
-    assert json.loads((full_range / "edge_onnx.json").read_text())["quantization"]["grid_search"] is False
-    assert weight_bytes(gptq) == weight_bytes(rtn) == weight_bytes(full_range)  # same format, other integers
-    data = {f: (f / "model.onnx.data").read_bytes() for f in (rtn, gptq, full_range)}
+    assert recorded["method"] == "gptq" and recorded["grid_search"] is False
+    assert json.loads((searched / "edge_onnx.json").read_text())["quantization"]["grid_search"] is True
+    assert weight_bytes(gptq) == weight_bytes(rtn) == weight_bytes(searched)  # same format, other integers
+    data = {f: (f / "model.onnx.data").read_bytes() for f in (rtn, gptq, searched)}
     assert len(set(data.values())) == 3
     report = verify(ckpts["qwen2"], gptq, max_tokens=64, n_threads=1)
     assert report.passed, report.failures

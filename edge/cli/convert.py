@@ -131,7 +131,7 @@ def _report(report, *, as_json: bool) -> None:
                    "the input Hessian measured on calibration text; needs torch+transformers) [rtn].")
 @click.option("--grid-search/--no-grid-search", default=None,
               help="int4 --method gptq: each 4-bit block's range shrunk to the ratio (1.0 .. 0.75) with the "
-                   "least rounding error (weighted by the calibration inputs), rather than its full min..max [on].")
+                   "least rounding error (weighted by the calibration inputs), rather than its full min..max [off].")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="--method gptq: a UTF-8 text file of calibration texts separated by blank lines "
                    "(default: built-in prose, code and math).")
