@@ -404,7 +404,8 @@ class Runtime:
                 self._cost_curve = f"the batch cost could not be measured ({exc})"
         if not isinstance(self._cost_curve, CostCurve):
             return decide(mode, self.backend, None) if mode else Speculation(None, self._cost_curve)
-        return decide(mode, self.backend, SpeculativeConfig(cost=self._cost_curve.cost), source="measured")
+        return decide(mode, self.backend, SpeculativeConfig(cost=self._cost_curve.cost), source="measured",
+                      settled=self._cost_curve.settled)
 
     def _acquire(self, cancel: threading.Event | None) -> bool:
         """Take the runtime lock, or give up (False) as soon as ``cancel`` is set while waiting:

@@ -333,13 +333,28 @@ def score_rows(backend, tokens: Sequence[int]) -> np.ndarray:
 COST_SIZES = (1, 2, 3, 4, 6, 8)
 
 
+def _settled(times: dict[int, list[float]], tol: float | None) -> bool:
+    """Whether the fastest time of every size has been seen twice (the two fastest within
+    ``tol`` of each other): a machine's load only ever adds time."""
+    if tol is None:
+        return True
+    for v in times.values():
+        a, b = sorted(v)[:2] if len(v) >= 2 else (0.0, float("inf"))
+        if b > a * (1 + tol):
+            return False
+    return True
+
+
 def measure_batch_cost(backend, *, sizes: Sequence[int] = COST_SIZES, repeats: int = 7, context: int = 64,
-                       budget_s: float | None = None, min_repeats: int = 2) -> dict[int, list[float]]:
+                       budget_s: float | None = None, min_repeats: int = 2, settle: float | None = None,
+                       max_s: float | None = None) -> dict[int, list[float]]:
     """Seconds of one model step over a batch of ``n`` tokens for each ``n`` in ``sizes``
     (``n == 1`` is a plain decode step), measured after ``context`` cached tokens; the sizes are
     interleaved within each repeat so that a change in the machine's load moves all of them.
     With ``budget_s``, no new repeat starts once that many seconds have passed and
-    ``min_repeats`` are done. The cache is left as it was found."""
+    ``min_repeats`` are done, and (with ``settle``) the fastest time of every size has been
+    seen twice within that fraction, or ``max_s`` seconds have passed. The cache is left as it
+    was found."""
     start = backend.n_past
     vocab = backend.n_vocab
     filler = [int(t) % vocab for t in range(100, 100 + max(1, min(context, backend.n_ctx // 2)))]
@@ -351,8 +366,10 @@ def measure_batch_cost(backend, *, sizes: Sequence[int] = COST_SIZES, repeats: i
     toks = [int(t) % vocab for t in range(200, 200 + max(sizes))]
     try:
         for r in range(repeats + 1):  # the first round warms up
-            if budget_s is not None and r > min_repeats and time.perf_counter() - t0 > budget_s:
-                break
+            if budget_s is not None and r > min_repeats:
+                elapsed = time.perf_counter() - t0
+                if elapsed > (max_s or budget_s) or (elapsed > budget_s and _settled(times, settle)):
+                    break
             for n in sizes if r % 2 == 0 else tuple(reversed(sizes)):
                 t = time.perf_counter()
                 backend.eval(toks[:1]) if n == 1 else score_rows(backend, toks[:n])
@@ -423,7 +440,7 @@ def batch_verify(backend) -> bool:
     return bool(getattr(backend, "batch_verify", False)) and getattr(backend, "score", None) is not None
 
 
-def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, source: str = "") -> Speculation:
+def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, source: str = "", settled: bool = True) -> Speculation:
     """Speculation for a generation whose ``SamplingParams.speculate`` is ``mode`` on ``backend``:
 
     - ``False``: off;
@@ -432,7 +449,8 @@ def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, sour
       there;
     - ``None`` (auto): on only with a backend that verifies drafts in one cheap batch and a
       batch-cost curve (``config.cost``; ``source`` says where it came from) under which some
-      draft length pays at acceptance :data:`PAYS_AT`."""
+      draft length pays at acceptance :data:`PAYS_AT`, measured on a machine quiet enough to
+      tell (``settled``)."""
     if mode is False:
         return DISABLED
     if mode:
@@ -443,9 +461,12 @@ def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, sour
     if not batch_verify(backend):
         return Speculation(None, f"the {backend.info.name} backend has no cheap batched verification of drafts")
     if config is None:
-        return Speculation(None, "no batch-cost curve known for this backend")
-    rate = break_even(config)
+        return Speculation(None, "no batch-cost curve given")
     where = f"{source} " if source else ""
+    if not settled:
+        return Speculation(None, f"the {where}batch-cost curve is uncertain: {UNSETTLED} while measuring; "
+                                 "`edge-reason bench batch-cost --remeasure` when it is quieter")
+    rate = break_even(config)
     if rate is None or rate > PAYS_AT:
         return Speculation(None, f"the {where}batch-cost curve never pays (a batch of 2 tokens costs {config.cost[1]:.2f}x one; "
                                  f"no draft length pays even at acceptance {PAYS_AT:g})")
@@ -457,8 +478,13 @@ def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, sour
 CACHE_ENV = "EDGE_CACHE_DIR"
 CURVE_VERSION = 1
 QUICK_SIZES = (1, 2, 3, 4, 6)
-QUICK_REPEATS = 6
-QUICK_BUDGET_S = 3.0
+QUICK_REPEATS = 12  # at most
+QUICK_BUDGET_S = 3.0  # then stop once the fastest times have settled ...
+QUICK_SETTLE = 0.05
+QUICK_MAX_S = 10.0  # ... or now
+
+
+UNSETTLED = "the machine was too busy to tell (no batch size gave its fastest time twice)"
 
 
 def cache_dir() -> Path:
@@ -515,6 +541,7 @@ class CostCurve:
     measured: bool  # measured by this call, else read from ``path``
     took: float = 0.0  # seconds the measurement took
     when: str = ""
+    settled: bool = True  # the fastest time of every size was seen twice (else the machine was too busy to tell)
 
     def describe(self) -> str:
         return " ".join(f"{k}:{c:.2f}" for k, c in enumerate(self.cost, 1))
@@ -535,7 +562,8 @@ def _read_curve(path: Path, key: dict[str, Any]) -> CostCurve | None:
             return None
         cost = SpeculativeConfig(cost=tuple(doc["cost"])).cost
         seconds = {int(n): float(v) for n, v in doc.get("seconds", {}).items()}
-        return CostCurve(cost, seconds, path, measured=False, took=float(doc.get("took", 0.0)), when=str(doc.get("when", "")))
+        return CostCurve(cost, seconds, path, measured=False, took=float(doc.get("took", 0.0)), when=str(doc.get("when", "")),
+                         settled=bool(doc.get("settled", True)))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         log.warning("the batch-cost cache %s is not a valid record (%s); measuring again", path, exc)
         return None
@@ -543,8 +571,9 @@ def _read_curve(path: Path, key: dict[str, Any]) -> CostCurve | None:
 
 def batch_cost_curve(backend, *, refresh: bool = False) -> CostCurve:
     """This machine's batch-cost curve for ``backend``: read from the cache, or measured now
-    (a few seconds: :data:`QUICK_SIZES`, at most :data:`QUICK_REPEATS` interleaved rounds within
-    :data:`QUICK_BUDGET_S`, the fastest time of each size; ``refresh`` measures again) and
+    (a few seconds: :data:`QUICK_SIZES` in interleaved rounds, for :data:`QUICK_BUDGET_S` and
+    until the fastest time of each size is seen twice, at most :data:`QUICK_MAX_S` or
+    :data:`QUICK_REPEATS` rounds; the fastest time of each size; ``refresh`` measures again) and
     cached, written atomically. Measuring empties the backend's cache. A cache that cannot be
     written is a warning; the curve is still returned."""
     from edge.files import atomic_write
@@ -557,25 +586,30 @@ def batch_cost_curve(backend, *, refresh: bool = False) -> CostCurve:
             return cached
     t0 = time.perf_counter()
     backend.rollback(0)
-    times = measure_batch_cost(backend, sizes=QUICK_SIZES, repeats=QUICK_REPEATS, budget_s=QUICK_BUDGET_S)
+    times = measure_batch_cost(backend, sizes=QUICK_SIZES, repeats=QUICK_REPEATS, budget_s=QUICK_BUDGET_S,
+                               settle=QUICK_SETTLE, max_s=QUICK_MAX_S)
     took = time.perf_counter() - t0
     cost = relative_cost(times, stat=min)
     seconds = {n: min(v) for n, v in times.items() if v}
+    settled = _settled(times, QUICK_SETTLE)
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if path is not None:
         doc = {"key": key, "cost": list(cost), "seconds": {str(n): v for n, v in seconds.items()},
-               "took": round(took, 3), "when": when, "sizes": list(QUICK_SIZES)}
+               "took": round(took, 3), "when": when, "settled": settled, "sizes": list(QUICK_SIZES)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, json.dumps(doc, indent=1) + "\n")
         except OSError as exc:
             log.warning("could not cache the batch-cost curve in %s (%s); it is measured again next time", path, exc)
             path = None
-    curve = CostCurve(cost, seconds, path, measured=True, took=took, when=when)
+    curve = CostCurve(cost, seconds, path, measured=True, took=took, when=when, settled=settled)
     rate = break_even(SpeculativeConfig(cost=cost))
     verdict = (f"drafts pay above acceptance {rate:.2f}" if rate is not None and rate <= PAYS_AT
                else f"no draft length pays even at acceptance {PAYS_AT:g}: auto speculation stays off")
-    where = f"{backend.info.threads} threads" if backend.info.threads else backend.info.device
+    if not settled:
+        verdict = f"{UNSETTLED}: auto speculation stays off; `edge-reason bench batch-cost --remeasure` when it is quieter"
+    n = backend.info.threads
+    where = f"{n} thread{'s' if n != 1 else ''}" if n else backend.info.device
     log.info("speculative decoding: measured this machine's batch cost for %s at %s in %.1f s (once; %s): a batch of "
              "%s tokens costs %s x one token; %s",
              Path(backend.info.model_path).name or backend.info.name, where, took,

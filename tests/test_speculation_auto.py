@@ -34,12 +34,12 @@ LINEAR = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)  # a batch of k costs k tokens: no draft
 GREEDY = SamplingParams(temperature=0, max_tokens=160)
 
 
-def pin_curve(backend, cost) -> Path:
+def pin_curve(backend, cost, *, settled: bool = True) -> Path:
     """Write ``cost`` as this machine's cached curve for ``backend``'s model and settings."""
     key = curve_key(backend)
     path = curve_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "cost": list(cost), "seconds": {}, "took": 0.0, "when": "pinned"}))
+    path.write_text(json.dumps({"key": key, "cost": list(cost), "seconds": {}, "took": 0.0, "when": "pinned", "settled": settled}))
     return path
 
 
@@ -87,7 +87,11 @@ def test_decide_says_on_or_off_and_why():
     steep = SpeculativeConfig(cost=(1.0, 1.95, 2.9, 3.8, 4.7, 5.6))
     assert 0.9 < break_even(steep) < 1 and not decide(None, llama, steep).on
     assert str(decide(None, onnx, measured)) == "off: the onnx backend has no cheap batched verification of drafts"
-    assert str(decide(None, llama, None)) == "off: no batch-cost curve known for this backend"
+    assert str(decide(None, llama, None)) == "off: no batch-cost curve given"
+    # a curve measured while the machine was too busy to tell: auto stays off, asked-for is on
+    busy = decide(None, llama, SpeculativeConfig(cost=FLAT), source="measured", settled=False)
+    assert not busy.on and str(busy).startswith("off: the measured batch-cost curve is uncertain: the machine was too busy")
+    assert decide(True, llama, SpeculativeConfig(cost=FLAT), settled=False).on
     # on: even where it cannot pay (the live rate then keeps drafts rare)
     assert str(decide(True, llama, SpeculativeConfig(cost=LINEAR))) == "on: requested"
     forced = decide(True, onnx, None)
@@ -193,6 +197,10 @@ def test_runtime_stats_say_whether_it_speculated_and_why(smollm2, tmp_path, monk
         assert off.speculation == "off: disabled" and off.draft_tokens == off.model_steps == 0
         assert off.tokens_per_step is None and off.acceptance_rate is None
     with Runtime(str(smollm2), n_ctx=512, threads=1) as rt:
+        pin_curve(rt.backend, FLAT, settled=False)
+        s = rt.ask(PROMPT, GREEDY.with_(max_tokens=8)).stats
+        assert s.speculation.startswith("off: the measured batch-cost curve is uncertain") and s.model_steps == 0
+    with Runtime(str(smollm2), n_ctx=512, threads=1) as rt:
         pin_curve(rt.backend, LINEAR)
         s = rt.ask(PROMPT, GREEDY).stats
         assert s.speculation.startswith("off: the measured batch-cost curve never pays (a batch of 2 tokens costs 2.00x one")
@@ -235,11 +243,12 @@ def test_cli_measures_once_says_so_once_and_reuses_it(cli, tmp_path):
     env = {CACHE_ENV: str(tmp_path)}
     args = ("a = 3. b = a + 4. What is b?", "--threads", "1", "--temperature", "0", "--max-tokens", "40")
     first, err = _json_run(cli, *args, env=env)
-    assert err.count(MEASURED) == 1 and "tiny-r1-q8_0.gguf at 1 threads" in err
+    assert err.count(MEASURED) == 1 and "tiny-r1-q8_0.gguf at 1 thread in" in err
     files = list((tmp_path / "batch-cost").iterdir())
     assert len(files) == 1 and "-t1-" in files[0].name
     stamp = files[0].stat().st_mtime_ns
-    assert first["stats"]["speculation"].startswith(("on: auto: the measured", "off: the measured batch-cost curve never pays"))
+    assert first["stats"]["speculation"].startswith(("on: auto: the measured", "off: the measured batch-cost curve never pays",
+                                                      "off: the measured batch-cost curve is uncertain"))
     second, err = _json_run(cli, *args, env=env)
     assert MEASURED not in err and files[0].stat().st_mtime_ns == stamp
     assert second["stats"]["speculation"] == first["stats"]["speculation"]

@@ -150,21 +150,24 @@ def batch_cost_cmd(remeasure: bool, **kw) -> None:
     the cached one, or measured now and cached (the model options must match those of the runs
     it is for: --threads, --kv-cache, --device, --gpu-layers)."""
     from edge.cli.options import open_runtime
-    from edge.speculative import PAYS_AT, break_even
+    from edge.speculative import PAYS_AT, UNSETTLED, SpeculativeConfig, break_even
 
     with open_runtime(kw) as rt:
         curve = rt.batch_cost(refresh=remeasure)
         plan = rt.plan_speculation(None)
         info = rt.backend.info
     how = f"measured now in {curve.took:.1f} s" if curve.measured else f"cached, measured {curve.when} in {curve.took:.1f} s"
-    click.echo(f"{Path(info.model_path).name}: {info.threads} threads (batches {info.extra.get('threads_batch')}), device {info.device}, "
+    if not curve.settled:
+        how += f"; uncertain: {UNSETTLED}"
+    click.echo(f"{Path(info.model_path).name}: threads {info.threads} (batches {info.extra.get('threads_batch')}), device {info.device}, "
                f"flash attention {'on' if info.extra.get('flash_attn') else 'off'}, KV cache {info.extra.get('kv_cache')}")
     click.echo(f"batch cost ({how}): time of a batch of k tokens / one token")
     click.echo("  k     " + " ".join(f"{k:>5}" for k in range(1, len(curve.cost) + 1)))
     click.echo("  cost  " + " ".join(f"{c:>5.2f}" for c in curve.cost))
     click.echo("  ms    " + " ".join(f"{curve.seconds[k] * 1e3:>5.1f}" if k in curve.seconds else "    -" for k in range(1, len(curve.cost) + 1)))
-    rate = break_even(plan.config) if plan.config is not None else None
-    click.echo(f"drafts pay above acceptance {rate:.2f}" if rate is not None else f"no draft length pays even at acceptance {PAYS_AT:g}")
+    rate = break_even(SpeculativeConfig(cost=curve.cost))
+    click.echo(f"drafts pay above acceptance {rate:.2f}" if rate is not None and rate <= PAYS_AT
+               else f"no draft length pays even at acceptance {PAYS_AT:g}")
     click.echo(f"auto speculation: {plan}")
     click.echo(f"cache: {curve.path or '(not cached)'}")
 
