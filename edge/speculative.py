@@ -39,7 +39,8 @@ Whether a generation speculates at all is a :class:`Speculation`, decided by :fu
 ``SamplingParams.speculate`` (True: on, False: off, None: *auto*). Auto speculates only on a
 backend that verifies a draft in one cheap batch (``backend.batch_verify``: llama.cpp) and only
 where this machine's batch-cost curve lets some draft length pay at an acceptance rate of
-:data:`PAYS_AT`; the live acceptance rate then decides each step. The curve is measured once per
+the acceptance rate drafts start from (``SpeculativeConfig.prior``, 0.6: on a compute-bound CPU
+they do not); the live acceptance rate then decides each step. The curve is measured once per
 model file, thread counts and the other settings that change it (:func:`curve_key`) and kept in
 ``$EDGE_CACHE_DIR/batch-cost`` (default ``~/.cache/edge-reason/batch-cost``):
 :func:`batch_cost_curve`.
@@ -353,8 +354,8 @@ def measure_batch_cost(backend, *, sizes: Sequence[int] = COST_SIZES, repeats: i
     interleaved within each repeat so that a change in the machine's load moves all of them.
     With ``budget_s``, no new repeat starts once that many seconds have passed and
     ``min_repeats`` are done, and (with ``settle``) the fastest time of every size has been
-    seen twice within that fraction, or ``max_s`` seconds have passed. The cache is left as it
-    was found."""
+    seen twice within that fraction; past ``max_s`` seconds it stops as soon as every size has
+    been timed once. The cache is left as it was found."""
     start = backend.n_past
     vocab = backend.n_vocab
     filler = [int(t) % vocab for t in range(100, 100 + max(1, min(context, backend.n_ctx // 2)))]
@@ -377,6 +378,8 @@ def measure_batch_cost(backend, *, sizes: Sequence[int] = COST_SIZES, repeats: i
                 backend.rollback(base)
                 if r:
                     times[n].append(dt)
+                    if max_s is not None and time.perf_counter() - t0 > max_s and all(times.values()):
+                        return times  # past the hard limit: a busy machine (the curve will not have settled)
     finally:
         backend.rollback(min(start, backend.n_past))
     return times
@@ -400,11 +403,6 @@ def relative_cost(times: dict[int, list[float]], stat: Callable[[list[float]], f
 
 
 # -- when to speculate ----------------------------------------------------------------------------
-
-PAYS_AT = 0.9
-"""Auto speculation is set up only where some draft length would pay at this acceptance rate
-(a trace that repeats itself); below it, the live rate decides step by step."""
-
 
 def break_even(config: SpeculativeConfig) -> float | None:
     """The lowest acceptance rate (to 0.01) at which some draft length pays, None if none
@@ -449,8 +447,10 @@ def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, sour
       there;
     - ``None`` (auto): on only with a backend that verifies drafts in one cheap batch and a
       batch-cost curve (``config.cost``; ``source`` says where it came from) under which some
-      draft length pays at acceptance :data:`PAYS_AT`, measured on a machine quiet enough to
-      tell (``settled``)."""
+      draft length pays at the acceptance rate drafts start from (``config.prior``: where they
+      do not pay even there, speculating would only try a short draft now and then, gain
+      nothing and still evaluate rows in batches), measured on a machine quiet enough to tell
+      (``settled``)."""
     if mode is False:
         return DISABLED
     if mode:
@@ -467,9 +467,11 @@ def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, sour
         return Speculation(None, f"the {where}batch-cost curve is uncertain: {UNSETTLED} while measuring; "
                                  "`edge-reason bench batch-cost --remeasure` when it is quieter")
     rate = break_even(config)
-    if rate is None or rate > PAYS_AT:
-        return Speculation(None, f"the {where}batch-cost curve never pays (a batch of 2 tokens costs {config.cost[1]:.2f}x one; "
-                                 f"no draft length pays even at acceptance {PAYS_AT:g})")
+    if rate is None:
+        return Speculation(None, f"the {where}batch-cost curve never pays (a batch of 2 tokens costs {config.cost[1]:.2f}x one)")
+    if rate > config.prior:
+        return Speculation(None, f"the {where}batch-cost curve pays only above acceptance {rate:.2f}, more than the "
+                                 f"{config.prior:.2f} drafts start from (a batch of 2 tokens costs {config.cost[1]:.2f}x one)")
     return Speculation(config, f"auto: the {where}batch-cost curve pays above acceptance {rate:.2f}")
 
 
@@ -478,9 +480,9 @@ def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, sour
 CACHE_ENV = "EDGE_CACHE_DIR"
 CURVE_VERSION = 1
 QUICK_SIZES = (1, 2, 3, 4, 6)
-QUICK_REPEATS = 12  # at most
+QUICK_REPEATS = 40  # at most
 QUICK_BUDGET_S = 3.0  # then stop once the fastest times have settled ...
-QUICK_SETTLE = 0.05
+QUICK_SETTLE = 0.1
 QUICK_MAX_S = 10.0  # ... or now
 
 
@@ -603,9 +605,11 @@ def batch_cost_curve(backend, *, refresh: bool = False) -> CostCurve:
             log.warning("could not cache the batch-cost curve in %s (%s); it is measured again next time", path, exc)
             path = None
     curve = CostCurve(cost, seconds, path, measured=True, took=took, when=when, settled=settled)
-    rate = break_even(SpeculativeConfig(cost=cost))
-    verdict = (f"drafts pay above acceptance {rate:.2f}" if rate is not None and rate <= PAYS_AT
-               else f"no draft length pays even at acceptance {PAYS_AT:g}: auto speculation stays off")
+    config = SpeculativeConfig(cost=cost)
+    rate = break_even(config)
+    verdict = (f"drafts pay above acceptance {rate:.2f}: auto speculation is on" if rate is not None and rate <= config.prior
+               else f"drafts pay above acceptance {rate:.2f}, more than the {config.prior:.2f} they start from: auto speculation "
+                    "stays off" if rate is not None else "no draft ever pays: auto speculation stays off")
     if not settled:
         verdict = f"{UNSETTLED}: auto speculation stays off; `edge-reason bench batch-cost --remeasure` when it is quieter"
     n = backend.info.threads
