@@ -31,7 +31,7 @@ from edge.runtime import Runtime, collect
 path, backend, limit, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rt = Runtime(path, backend=backend, n_ctx=1024, threads=threads, device="cpu")
 items = load_task("tiny-r1", limit)
-greedy = SamplingParams(temperature=0, top_p=1.0, max_tokens=600)
+greedy = SamplingParams(temperature=0, top_p=1.0, max_tokens=600, speculate=False)  # the formats, not speculation
 correct = thinking = 0
 for it in items:
     r = collect(rt.chat([{"role": "user", "content": it.prompt}], greedy))
@@ -40,7 +40,7 @@ for it in items:
 speeds = []
 prompt = rt.render([{"role": "user", "content": items[-1].prompt}])
 for _ in range(3):
-    s = collect(rt.complete(prompt, SamplingParams(temperature=0, top_p=1.0, max_tokens=256, ignore_eos=True))).stats
+    s = collect(rt.complete(prompt, SamplingParams(temperature=0, top_p=1.0, max_tokens=256, ignore_eos=True, speculate=False))).stats
     speeds.append((s.thinking_tokens + s.answer_tokens - 1) / (s.total_seconds - s.time_to_first_token))
 print(json.dumps({"accuracy": correct / len(items), "thinking_tokens": thinking / len(items), "n": len(items),
                   "decode_tok_s": sorted(speeds)[1], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -224,12 +224,13 @@ def evaluate(rt, items: Sequence[Item], policies: Sequence[Policy], params: Samp
 
 def _comparable(settings: dict, head: dict) -> dict:
     """``settings`` less the sampling fields a journal written before they existed lacks, where
-    they hold their default (a field added since, left at its default, changes nothing the
-    journal's run did, e.g. ``speculate``)."""
+    they hold the value such a run had (the field's metadata ``absent``, else its default: a
+    field added since, left so, changes nothing the journal's run did, e.g. ``speculate``
+    off)."""
     sampling, old = settings.get("sampling"), head.get("sampling")
     if not isinstance(sampling, dict) or not isinstance(old, dict):
         return settings
-    defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    defaults = {f.name: f.metadata.get("absent", f.default) for f in dataclasses.fields(SamplingParams)}
     kept = {k: v for k, v in sampling.items() if k in old or k not in defaults or v != defaults[k]}
     return {**settings, "sampling": kept}
 

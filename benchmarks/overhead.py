@@ -59,7 +59,7 @@ def edge_runtime(rt, prompt: str, tokens: int, controllers_factory=None) -> tupl
     from edge.runtime import collect
 
     rt.backend.reset()
-    params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=tokens, ignore_eos=True, speculate=False)  # the loop itself
     controllers = controllers_factory() if controllers_factory else ()
     r = collect(rt.complete(prompt, params, controllers=controllers))
     s = r.stats

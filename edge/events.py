@@ -228,8 +228,10 @@ class Stats:
     finish_reason: str = "stop"
     exit_reason: str | None = None
     backend: dict[str, Any] = field(default_factory=dict)
-    # speculative decoding (all 0 when it is off): drafted tokens verified, drafted tokens
-    # committed, model evaluations made for the generated tokens, and those tokens
+    # speculative decoding: "on: why" or "off: why" (None: the generation never started), and
+    # (all 0 when it is off) drafted tokens verified, drafted tokens committed, model
+    # evaluations made for the generated tokens, and those tokens
+    speculation: str | None = None
     draft_tokens: int = 0
     draft_accepted: int = 0
     model_steps: int = 0

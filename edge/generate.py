@@ -44,7 +44,7 @@ from edge.events import (
 )
 from edge.params import SamplingParams
 from edge.sampling import Sampled, make_sampler
-from edge.speculative import SpeculativeConfig, Speculator
+from edge.speculative import SpeculativeConfig, Speculation, Speculator, decide
 from edge.think import ANSWER, DEFAULT_TAGS, THINKING, TagPair, ThinkParser
 
 
@@ -205,14 +205,17 @@ class Loop:
         self.token_hooks: dict[bool, list[Controller]] = {True: [], False: []}
         self.commit_hooks: dict[bool, list[Controller]] = {True: [], False: []}
 
-    def prefill(self, prompt_tokens: Sequence[int], cache: PromptCache | None, speculation: SpeculativeConfig | None) -> None:
+    def prefill(self, prompt_tokens: Sequence[int], cache: PromptCache | None,
+                speculation: SpeculativeConfig | Speculation | None) -> None:
         """Bring the cache to the prompt (see :func:`prefill`) and set up speculation."""
         backend, stats = self.backend, self.stats
         self.history = list(prompt_tokens)  # mirrors the backend's cache between steps
         self.state.logits, reused = prefill(backend, prompt_tokens, cache)
         # tokens are committed through `self.eval`; with speculation, a wrapper that serves them
         # from verified draft rows and shows everyone else the cache of committed tokens only
-        self.spec = Speculator(backend, speculation, limit=self.params.max_tokens) if self.params.speculate else None
+        plan = speculation if isinstance(speculation, Speculation) else decide(self.params.speculate, backend, speculation)
+        stats.speculation = str(plan)
+        self.spec = Speculator(backend, plan.config, limit=self.params.max_tokens) if plan.on else None
         if self.spec is not None:
             self.backend = self.state.backend = self.spec
         self.eval = self.spec.step if self.spec is not None else backend.eval
@@ -222,7 +225,7 @@ class Loop:
         stats.prefill_seconds = self.t_prefill - self.t0
 
     def run(self, prompt_tokens: Sequence[int], *, cache: PromptCache | None = None,
-            speculation: SpeculativeConfig | None = None) -> Iterator[Event]:
+            speculation: SpeculativeConfig | Speculation | None = None) -> Iterator[Event]:
         """The reply's events; the last is always :class:`~edge.events.Done`."""
         self.prefill(prompt_tokens, cache, speculation)
         yield from self.start()
@@ -458,10 +461,13 @@ def generate(
     controllers: Sequence[Controller] = (),
     cancel: threading.Event | None = None,
     cache: PromptCache | None = None,
-    speculation: SpeculativeConfig | None = None,
+    speculation: SpeculativeConfig | Speculation | None = None,
 ) -> Iterator[Event]:
     """Yield events for one reply to ``prompt_tokens``; the last event is always ``Done``.
-    ``speculation`` sets up speculative decoding when ``params.speculate`` turns it on.
+    ``speculation``: whether to speculate, decided (a :class:`~edge.speculative.Speculation`,
+    as :class:`~edge.runtime.Runtime` passes), or the settings to speculate with, decided here
+    from ``params.speculate`` by :func:`~edge.speculative.decide` (auto needs settings whose
+    cost curve pays; :class:`~edge.runtime.Runtime` measures the machine's).
     Nothing runs (not even the prefill) before the first event is asked for."""
     loop = Loop(backend, params, ThinkParser(tags, start_in_thinking=start_in_thinking), controllers, cancel)
     yield from loop.run(prompt_tokens, cache=cache, speculation=speculation)

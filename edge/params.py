@@ -74,6 +74,12 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+def _check_auto_bool(name: str, value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true, false or null (auto), got {value!r}", param=name)
+    return value
+
+
 def _check_stop(value: object) -> tuple[str, ...]:
     stop = (value,) if isinstance(value, str) else value
     try:
@@ -104,9 +110,15 @@ class SamplingParams:
     ``temperature == 0`` means greedy decoding. ``max_tokens`` bounds every generated token
     (thinking and answer); thinking-specific limits live in the budget controllers. ``seed``
     None or -1 draws a random seed; ``repeat_last_n`` -1 looks at the whole history.
-    ``speculate`` turns on speculative decoding from n-gram lookup over the prompt and the trace
-    (:mod:`edge.speculative`): the same tokens (the same distribution when sampling, the same
-    text for a seeded run), fewer model steps when the trace repeats itself.
+    ``speculate``: speculative decoding from n-gram lookup over the prompt and the trace
+    (:mod:`edge.speculative`): the same distribution, fewer model steps when the trace repeats
+    itself. None (the default) is *auto*: on where this machine's measured batch-cost curve lets
+    drafts pay (llama.cpp; see :func:`edge.speculative.decide`), each step's draft then chosen
+    from the live acceptance rate; True: on even where the curve says drafts cannot pay;
+    False: off. Greedy output is the same tokens as without it up to floating-point rounding:
+    llama.cpp computes the rows of a batch in another order than one-token steps (logits differ
+    by up to ~0.5 on quantized models), which can flip a near tie; False gives plain decoding
+    exactly.
     ``logprobs`` asks the loop for a :class:`~edge.events.TokenLogprobs` event per model token
     (with the ``top_logprobs`` most likely alternatives); injected text gets none.
     """
@@ -125,10 +137,15 @@ class SamplingParams:
     top_logprobs: int = 0
     logprobs: bool = False
     ignore_eos: bool = False
-    speculate: bool = field(default=False, metadata=offered(
+    # records written before the field existed ran without speculation ("absent": what such a
+    # record's run had; the eval harness resumes their journals with it)
+    speculate: bool | None = field(default=None, metadata=dict(absent=False, **offered(
         "--speculate/--no-speculate",
-        help="Speculative decoding from n-gram lookup over the prompt and the reasoning so far: the same "
-             "output, fewer model steps when the trace repeats itself.", request=True))
+        help="Speculative decoding from n-gram lookup over the prompt and the reasoning so far: fewer model steps "
+             "when the trace repeats itself, the same output (greedy: up to llama.cpp's batch rounding). Default: "
+             "auto, on where this machine's batch cost lets drafts pay (measured once per model and threads, "
+             "cached), drafting only while drafts are accepted; --speculate: on even where the cost says no; "
+             "--no-speculate: off (plain decoding exactly).", request=True)))
 
     def __post_init__(self) -> None:
         checked = {
@@ -144,7 +161,7 @@ class SamplingParams:
             "top_logprobs": check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS),
             "logprobs": _check_bool("logprobs", self.logprobs),
             "ignore_eos": _check_bool("ignore_eos", self.ignore_eos),
-            "speculate": _check_bool("speculate", self.speculate),
+            "speculate": _check_auto_bool("speculate", self.speculate),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

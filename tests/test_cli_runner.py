@@ -269,7 +269,7 @@ def test_a_new_field_becomes_an_option_and_a_request_field():
     assert "--typical-p FLOAT" in CliRunner().invoke(cmd, ["--help"]).stdout and "Locally typical sampling.  [default: 1.0]" in CliRunner().invoke(cmd, ["--help"]).stdout
     assert "typical_p" in request_fields(More) and "max_tokens" not in request_fields(More)
     assert set(request_fields(SamplingParams)) == {"temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "speculate"}
-    kw = {"temperature": 0.3, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "seed": None, "max_tokens": 8, "speculate": False, "rest": 1}
+    kw = {"temperature": 0.3, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "seed": None, "max_tokens": 8, "speculate": None, "rest": 1}
     assert pop_sampling(kw) == SamplingParams(temperature=0.3, top_p=0.9, max_tokens=8) and kw == {"rest": 1}
 
 

@@ -183,8 +183,8 @@ def test_evaluation_resumes_from_its_journal(tmp_path):
 
 
 def test_a_journal_from_before_a_new_sampling_field_resumes_while_the_field_is_at_its_default(tmp_path):
-    """A journal written before ``speculate`` existed lacks it; left at its default the run is the
-    same, so it resumes; turned on (or any other value changed) it is another run."""
+    """A journal written before ``speculate`` existed lacks it; off (eval's default) the run is the
+    same, so it resumes; turned on or auto (or any other value changed) it is another run."""
     import dataclasses
     import json
 
@@ -197,7 +197,7 @@ def test_a_journal_from_before_a_new_sampling_field_resumes_while_the_field_is_a
     rt = Runtime(backend=ScriptedBackend(["Step.", "\n\n", "So 7.", "</think>"], "\n\\boxed{7}", chat_template=tpl))
     items = [Item(f"q{i}", "What is x?", "7") for i in range(2)]
     pols = harness.parse_policies("unlimited")
-    params = SamplingParams(temperature=0, max_tokens=64)
+    params = SamplingParams(temperature=0, max_tokens=64, speculate=False)
     settings = lambda p: {"model": "scripted", "sampling": dataclasses.asdict(p)}  # noqa: E731
     journal = tmp_path / "progress.jsonl"
     harness.evaluate(rt, items[:1], pols, params, journal=journal, settings=settings(params))
@@ -207,9 +207,10 @@ def test_a_journal_from_before_a_new_sampling_field_resumes_while_the_field_is_a
     journal.write_text("\n".join([json.dumps(head)] + lines[1:]) + "\n")
     again = harness.evaluate(rt, items, pols, params, journal=journal, settings=settings(params))
     assert len(again) == 2
-    with pytest.raises(ConfigError, match="other settings"):
-        on = dataclasses.replace(params, speculate=True)
-        harness.evaluate(rt, items, pols, on, journal=journal, settings=settings(on))
+    for mode in (True, None):
+        with pytest.raises(ConfigError, match="other settings"):
+            on = dataclasses.replace(params, speculate=mode)
+            harness.evaluate(rt, items, pols, on, journal=journal, settings=settings(on))
     with pytest.raises(ConfigError, match="other settings"):
         longer = dataclasses.replace(params, max_tokens=65)
         harness.evaluate(rt, items, pols, longer, journal=journal, settings=settings(longer))

@@ -353,6 +353,33 @@ def test_reasoning_controls_run_unchanged_on_onnx(onnx_of):
         assert probed.stats.thinking_tokens == plain.stats.thinking_tokens and probed.stats.answer_tokens == plain.stats.answer_tokens
 
 
+def test_auto_speculation_is_off_on_onnx_with_the_reason(onnx_of, tmp_path, monkeypatch):
+    """ONNX Runtime's rollback copies the KV cache: drafts cannot pay, so auto does not speculate
+    (and measures nothing); asked for, it runs and gives the same greedy reply."""
+    from edge.params import SamplingParams
+    from edge.runtime import Runtime
+    from edge.speculative import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    msgs = [{"role": "user", "content": "What is 2+2? What is 2+2?"}]
+    with Runtime(str(onnx_of("qwen2", "fp32")), backend="onnx", n_ctx=512, threads=1, device="cpu") as rt:
+        auto = collect_reply(rt, msgs, greedy)
+        assert auto.stats.speculation == "off: the onnx backend has no cheap batched verification of drafts"
+        assert auto.stats.draft_tokens == auto.stats.model_steps == 0
+        on = collect_reply(rt, msgs, greedy.with_(speculate=True))
+        assert on.stats.speculation.startswith("on: requested (the onnx backend has no cheap batched verification")
+        assert on.stats.model_steps > 0 and (on.reasoning, on.answer) == (auto.reasoning, auto.answer)
+        assert collect_reply(rt, msgs, greedy.with_(speculate=False)).stats.speculation == "off: disabled"
+    assert not any(tmp_path.iterdir())  # nothing measured, nothing cached
+
+
+def collect_reply(rt, msgs, params):
+    from edge.runtime import collect
+
+    return collect(rt.chat(msgs, params))
+
+
 # -- devices, files, errors ---------------------------------------------------------------------------
 
 

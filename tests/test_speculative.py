@@ -320,7 +320,9 @@ def test_switches_reach_the_params():
     kw = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, seed=None, max_tokens=8, speculate=True)
     assert pop_sampling(kw).speculate is True
     assert sampling_params({"speculate": True}, Limits()).speculate is True
-    assert sampling_params({}, Limits()).speculate is False
+    assert sampling_params({}, Limits()).speculate is None  # auto
+    assert sampling_params({"speculate": None}, Limits()).speculate is None
+    assert sampling_params({"speculate": False}, Limits()).speculate is False
     with pytest.raises(Exception):
         sampling_params({"speculate": "yes"}, Limits())
     with pytest.raises(ConfigError):

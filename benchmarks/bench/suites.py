@@ -243,7 +243,7 @@ def first_token_seconds(rt, prompt: str) -> float:
     from edge.runtime import collect
 
     rt.backend.rollback(0)
-    params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=1, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=1, ignore_eos=True, speculate=False)
     return float(collect(rt.complete(prompt, params)).stats.time_to_first_token)
 
 
@@ -376,7 +376,8 @@ def reasoning(model: str, cfg: BenchConfig, threads: int, gpu_layers: int, n_ctx
 
     policies = [p for spec in cfg.policies for p in harness.parse_policies(spec)]
     items = reasoning_items(cfg)
-    params = SamplingParams(temperature=0.0, top_p=1.0, seed=0, max_tokens=cfg.max_tokens)
+    # plain decoding: the record must not depend on this machine's batch cost (see eval)
+    params = SamplingParams(temperature=0.0, top_p=1.0, seed=0, max_tokens=cfg.max_tokens, speculate=False)
     records = []
     with fingerprint.EnergyMeter() as energy:
         with Runtime(model, n_ctx=min(4096, n_ctx), threads=threads, device="auto", gpu_layers=gpu_layers) as rt:

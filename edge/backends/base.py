@@ -112,6 +112,10 @@ class BackendBase:
     _too_long_hint = "use a larger --ctx or a shorter prompt"
     #: a backend whose model wants a BOS token in front of every prompt says so
     add_bos: bool = False
+    #: a backend whose ``score`` evaluates a speculative draft in one model step, and whose
+    #: rollback drops the rejected rows without copying the cache, says so: only there can
+    #: speculation pay, and auto speculation (:mod:`edge.speculative`) is considered
+    batch_verify: bool = False
 
     @property
     def n_ctx(self) -> int:

@@ -178,6 +178,8 @@ def _logits_address_function(llama_cpp):
 class LlamaCppBackend(BackendBase):
     """One llama.cpp model + context holding one sequence."""
 
+    batch_verify = True  # score(): one llama_decode; rollback: llama_memory_seq_rm
+
     def __init__(
         self,
         model: str | os.PathLike,

@@ -3,6 +3,7 @@
     edge-reason bench run MODEL [--suite ...] [--quick] [--out RUN.json]
     edge-reason bench MODEL ...                     # the same: ``run`` is the default
     edge-reason bench report RUN.json [RUN2.json | FOLDER ...] [--out DIR]
+    edge-reason bench batch-cost [-m MODEL] [--threads N] [--remeasure]
 
 A thin adapter over :mod:`benchmarks.bench`: options become one
 :class:`~benchmarks.bench.suites.BenchConfig`; progress goes to stderr, the summary table to
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from edge.cli.options import model_options
 from edge.errors import ConfigError
 
 SUITE_CHOICES = ("throughput", "overhead", "reasoning", "peers", "all")
@@ -75,6 +77,8 @@ def bench() -> None:
       edge-reason bench run MODEL [OPTIONS]          measure; write one JSON record
       edge-reason bench MODEL [OPTIONS]              the same (run is the default)
       edge-reason bench report RUN.json ... [--out DIR]   tables and plots from many records
+      edge-reason bench batch-cost [-m MODEL] [--threads N] [--remeasure]   the batch-cost curve
+                                                     auto speculation decides from
     """
 
 
@@ -136,6 +140,35 @@ def run_cmd(model, suite, quick, threads, gpu_layers, n_ctx, prompt_lengths, dep
     schema.write_record(record, path, force=force)
     click.echo(report.markdown([record]))
     click.echo(f"wrote {path}", err=True)
+
+
+@bench.command("batch-cost")
+@model_options
+@click.option("--remeasure", is_flag=True, help="Measure again and replace the cached curve.")
+def batch_cost_cmd(remeasure: bool, **kw) -> None:
+    """Show this machine's batch-cost curve for a model (what auto speculation decides from):
+    the cached one, or measured now and cached (the model options must match those of the runs
+    it is for: --threads, --kv-cache, --device, --gpu-layers)."""
+    from edge.cli.options import open_runtime
+    from edge.speculative import UNSETTLED, SpeculativeConfig, break_even
+
+    with open_runtime(kw) as rt:
+        curve = rt.batch_cost(refresh=remeasure)
+        plan = rt.plan_speculation(None)
+        info = rt.backend.info
+    how = f"measured now in {curve.took:.1f} s" if curve.measured else f"cached, measured {curve.when} in {curve.took:.1f} s"
+    if not curve.settled:
+        how += f"; uncertain: {UNSETTLED}"
+    click.echo(f"{Path(info.model_path).name}: threads {info.threads} (batches {info.extra.get('threads_batch')}), device {info.device}, "
+               f"flash attention {'on' if info.extra.get('flash_attn') else 'off'}, KV cache {info.extra.get('kv_cache')}")
+    click.echo(f"batch cost ({how}): time of a batch of k tokens / one token")
+    click.echo("  k     " + " ".join(f"{k:>5}" for k in range(1, len(curve.cost) + 1)))
+    click.echo("  cost  " + " ".join(f"{c:>5.2f}" for c in curve.cost))
+    click.echo("  ms    " + " ".join(f"{curve.seconds[k] * 1e3:>5.1f}" if k in curve.seconds else "    -" for k in range(1, len(curve.cost) + 1)))
+    rate = break_even(SpeculativeConfig(cost=curve.cost))
+    click.echo(f"drafts pay above acceptance {rate:.2f}" if rate is not None else "no draft ever pays")
+    click.echo(f"auto speculation: {plan}")
+    click.echo(f"cache: {curve.path or '(not cached)'}")
 
 
 @bench.command("report")

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from edge.cli.options import model_options, open_runtime, pop_sampling, sampling_options
+from edge.cli.options import model_options, open_runtime, plan_speculation, pop_sampling, sampling_options
 from edge.cli.text import TEXT, StdinText
 from edge.cli.controls import control_options
 
@@ -57,6 +57,7 @@ def chat(system: str | None, hide_thinking: bool, no_think: bool, **kw) -> None:
             from edge.model_ref import DEFAULT_MODEL_HINT
 
             click.echo(f"({DEFAULT_MODEL_HINT})", err=True)
+        plan_speculation(rt, params.speculate)
         while True:
             try:
                 line = _read(">>> ", stdin)

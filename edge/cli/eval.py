@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edge.cli.options import model_options, open_runtime, options_from, pop_sampling
+from edge.cli.options import model_options, open_runtime, options_from, plan_speculation, pop_sampling
 from edge.params import SamplingParams
 
 # eval decodes greedily by default (top_p then 1.0), with a fixed seed for sampled runs
@@ -15,6 +15,10 @@ EVAL_SAMPLING = {
     "temperature": {"default": 0.0},
     "top_p": {"default": None, "help": "Default: 1.0 when greedy (--temperature 0), else 0.95."},
     "seed": {"default": 0},
+    # records must not depend on this machine's batch cost (auto speculation can flip a near
+    # tie of greedy decoding), and journals from before the option resume: off unless asked
+    "speculate": {"default": False, "help": "Speculative decoding (see `edge-reason run --help`); off by default in eval, "
+                                            "whose records must not depend on this machine's measured batch cost."},
 }
 
 
@@ -69,6 +73,7 @@ def eval_cmd(task, data, question_field, answer_field, scorer, prompt_suffix, po
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"cannot read calibration {calibration}: {exc}") from None
     with open_runtime(kw) as rt:
+        plan_speculation(rt, params.speculate)
         reasoning_prompt = rt.reasoning_prompt  # the instruction text, recorded with the results
         if any(p.family.startswith("adaptive") for p in pols) and predictor is None:
             if not calibrate:

@@ -97,8 +97,18 @@ def open_runtime(kw: dict[str, Any], **runtime: Any):
     spec = pop_model_spec(kw)
     from edge.runtime import Runtime
 
-    with _estimate_on_stderr(spec.n_ctx == "auto" or str(spec.kv_cache).lower() != "f16"):
+    with _info_on_stderr("edge.backends.context", spec.n_ctx == "auto" or str(spec.kv_cache).lower() != "f16"):
         return Runtime(spec, **runtime)
+
+
+def plan_speculation(rt, speculate: bool | None):
+    """Decide speculation before the first reply (see :meth:`edge.runtime.Runtime.plan_speculation`):
+    the one line saying that this machine's batch cost was measured goes to stderr then, the
+    first time only (later runs read it from the cache and say nothing)."""
+    if speculate is False:
+        return None
+    with _info_on_stderr("edge.speculative", True):
+        return rt.plan_speculation(speculate)
 
 
 class _PlainInfo(logging.Formatter):
@@ -107,9 +117,10 @@ class _PlainInfo(logging.Formatter):
 
 
 @contextlib.contextmanager
-def _estimate_on_stderr(show: bool):
-    """The memory estimate the backend logs before loading, as one plain line on stderr."""
-    logger = logging.getLogger("edge.backends.context")
+def _info_on_stderr(name: str, show: bool):
+    """What logger ``name`` logs at INFO meanwhile (the memory estimate the backend logs before
+    loading; the batch-cost measurement), as plain lines on stderr."""
+    logger = logging.getLogger(name)
     if not show:
         yield
         return

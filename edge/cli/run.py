@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from edge.cli.options import model_options, open_runtime, pop_sampling, sampling_options
+from edge.cli.options import model_options, open_runtime, plan_speculation, pop_sampling, sampling_options
 from edge.cli.text import TEXT, StdinText
 from edge.cli.controls import control_options
 from edge.errors import PromptError
@@ -34,7 +34,8 @@ def run(prompt: str | None, system: str | None, hide_thinking: bool, as_json: bo
     controllers = build_controllers(pop_control(kw))  # validated before the model loads
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     with open_runtime(kw) as rt:
-        events = rt.chat(messages, params, controllers=controllers, think=not no_think)
+        events = rt.chat(messages, params, controllers=controllers, think=not no_think)  # renders: a bad template stops here
+        plan_speculation(rt, params.speculate)
         if as_json:
             from edge.runtime import collect
 

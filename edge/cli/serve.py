@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edge.cli.options import model_options
+from edge.cli.options import model_options, plan_speculation
 from edge.server.config import ServerConfig  # the defaults, written once
 from edge.server.protocol import REASONING_FORMATS
 
@@ -40,6 +40,7 @@ def serve(chat_template_file: str | None, **kw) -> None:
     from edge.server.run import serve as run_server
 
     with Runtime(spec, chat_template=template) as rt:
+        plan_speculation(rt, None)  # requests leave speculation on auto unless they say "speculate": false
 
         def started(port: int) -> None:
             host = config.host if ":" not in config.host else f"[{config.host}]"

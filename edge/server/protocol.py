@@ -24,8 +24,14 @@ Fields beyond OpenAI's (all optional):
 - ``reasoning_prompt``: ``"step"``, ``"r1"``, an instruction text, or ``false``/``"none"``: prompted
   reasoning for instruct models (see :mod:`edge.reasoning`; default: ``serve --reasoning-prompt``);
 - ``top_k``, ``min_p``, ``repeat_penalty`` (llama-server style sampling extras);
-- ``speculate`` (true/false): speculative decoding from n-gram lookup (same output, see
-  :mod:`edge.speculative`);
+- ``speculate``: speculative decoding from n-gram lookup (:mod:`edge.speculative`). Absent or
+  ``null``: auto, on where this machine's batch-cost curve (measured when the server starts,
+  once per model and threads, cached) lets drafts pay, each step's draft chosen from the live
+  acceptance rate; ``true``: on even where the curve says drafts cannot pay; ``false``: off,
+  plain decoding exactly (with it on, greedy output is the same tokens up to llama.cpp's batch
+  rounding, which can flip a near tie). ``usage.edge.speculation`` says what the reply did:
+  ``status`` (``"on: ..."`` / ``"off: why"``), ``draft_tokens``, ``draft_accepted``,
+  ``acceptance_rate``, ``model_steps``, ``tokens_per_step``;
 - ``return_tokens_as_token_ids`` (vLLM style): logprob tokens are written ``token_id:N``.
 
 A message with role ``developer`` (what current OpenAI clients send in place of ``system``) is

@@ -110,6 +110,20 @@ def control_summary(controls: Iterable[ControlEvent]) -> list[dict[str, Any]]:
     return [c.summary() for c in controls]
 
 
+def speculation_usage(stats: Stats) -> dict[str, Any]:
+    """``usage.edge.speculation``: whether the reply speculated and why (``"on: ..."`` /
+    ``"off: ..."``), drafted and accepted tokens, acceptance rate and tokens per model step."""
+    rate, per_step = stats.acceptance_rate, stats.tokens_per_step
+    return {
+        "status": stats.speculation,
+        "draft_tokens": stats.draft_tokens,
+        "draft_accepted": stats.draft_accepted,
+        "acceptance_rate": None if rate is None else round(rate, 4),
+        "model_steps": stats.model_steps,
+        "tokens_per_step": None if per_step is None else round(per_step, 4),
+    }
+
+
 def usage(stats: Stats, controls: Iterable[ControlEvent] = ()) -> dict[str, Any]:
     def r(x: float | None) -> float | None:
         return None if x is None else round(x, 4)
@@ -136,6 +150,7 @@ def usage(stats: Stats, controls: Iterable[ControlEvent] = ()) -> dict[str, Any]
             "decode_tokens_per_second": r(stats.decode_tokens_per_second),
             "finish_reason": stats.finish_reason,
             "exit_reason": stats.exit_reason,
+            "speculation": speculation_usage(stats),
             "controls": control_summary(controls),
         },
     }
