@@ -572,6 +572,9 @@ def test_cli_int4_options_are_recorded(ckpts, tmp_path, cli):
     assert manifest["kv_dtype"] == "float32" and manifest["embedding"] == "GatherBlockQuantized 8-bit sym b128"
     _one_line_error(cli("convert", "onnx", str(ckpts["llama"]), str(tmp_path / "bad"), "--weights", "int4",
                         "--int8-layers", "7"), "int8 layers 7", "layers 0..1")
+    _one_line_error(cli("convert", "onnx", str(ckpts["llama"]), str(tmp_path / "bad"), "--weights", "int4",
+                        "--grid-search"), "--grid-search needs --method gptq")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_gptq_export(ckpts, tmp_path):

@@ -176,6 +176,8 @@ def onnx_cmd(src: str, out_dir: Path, weights: str, int8_method: str, block_size
                    "attention_bits": int(attention_bits) if attention_bits else None,
                    "int8_layers": parse_layers(int8_layers) if int8_layers is not None else None}
         quant = replace(quant, **{k: v for k, v in changes.items() if v is not None})
+        if quant.grid_search and quant.method != "gptq":
+            raise ConfigError("--grid-search needs --method gptq (it weighs each block's error by the calibration inputs)")
     texts = None
     if calibration is not None:
         texts = [t.strip() for t in calibration.read_text(encoding="utf-8").split("\n\n") if t.strip()]
