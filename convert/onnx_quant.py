@@ -18,10 +18,9 @@ Rounding (``method``):
 * ``gptq``: GPTQ (Frantar et al. 2022) on the 4-bit decoder weights: columns are rounded one
   at a time and the rounding error is pushed onto the columns not yet rounded, weighted by the
   inverse of the input Hessian ``X^T X`` measured with the source model (transformers, float32)
-  on :func:`default_calibration_texts` (or the caller's texts). Columns go in order of
-  decreasing Hessian diagonal ("act-order"), on grids fixed before any column is rounded, so
-  the order changes which errors get corrected, not the format. Needs torch + transformers,
-  ~4 bytes of RAM per parameter (like ``verify``) plus the Hessians of the 4-bit weights.
+  on :func:`default_calibration_texts` (or the caller's texts). Same grid and format as
+  ``rtn``; only the integers differ. Needs torch + transformers, ~4 bytes of RAM per parameter
+  (like ``verify``) plus the Hessians of the 4-bit weights.
 
 Grid search (``grid_search``, off by default; ``gptq``'s 4-bit weights): instead of the block's
 full [min, max] range, each block takes the range shrunk by the ratio in :data:`CLIP_RATIOS` that
