@@ -200,6 +200,42 @@ def test_q4_k_m_top1(gguf_of, report_of):
     assert r.mean_kl < 0.02
 
 
+def _compare(ref_logits: list, got_logits: list):
+    """compare_logits on given per-text logits [seq, vocab] (source and converted)."""
+    import numpy as np
+    import torch
+
+    from edge.convert.verify import THRESHOLDS, VerifyReport, compare_logits
+
+    table = {tuple(range(len(r))): (r, g) for r, g in zip(ref_logits, got_logits)}
+    model = lambda ids: type("Out", (), {"logits": torch.tensor(table[tuple(ids[0].tolist())][0])[None]})  # noqa: E731
+    report = VerifyReport("src", "out", "q4_k_m", THRESHOLDS["q4_k_m"])
+    return compare_logits(report, model, list(map(list, table)), lambda ids: np.asarray(table[tuple(ids)][1]), "gguf")
+
+
+def test_verify_reports_the_first_position_apart():
+    """The first position of a text (a prediction from one token; Qwen2.5's attention-sink token)
+    is reported on its own: a converter that gets it wrong, as llama.cpp does on
+    Qwen2.5-Coder-1.5B, still passes when every position with context agrees, and fails when
+    one with context does not."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(size=(n, 50)) * 3 for n in (6, 9)]
+    got = [r.copy() for r in ref]
+    for g in got:
+        g[0] = rng.normal(size=50) * 3  # the first position: another distribution altogether
+    r = _compare(ref, got)
+    assert r.passed, r.failures
+    assert r.n_positions == 6 + 9 - 2
+    assert r.mean_kl < 1e-12 and r.top1_agreement == 1.0
+    assert r.first_position_mean_kl > 0.5 and r.first_position_max_kl >= r.first_position_mean_kl
+    assert r.mean_kl_all_positions == pytest.approx(r.first_position_mean_kl * 2 / 15)
+    got[1][4] = rng.normal(size=50) * 3  # one position with context off: the same size of error fails
+    r = _compare(ref, got)
+    assert not r.passed and r.mean_kl > 0.08
+
+
 def test_quantize_existing_gguf(ckpts, gguf_of, tmp_path):
     import gguf
 

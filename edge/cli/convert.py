@@ -88,6 +88,16 @@ def verify_cmd(src: str, gguf_path: Path, as_json: bool, prompts: tuple[str, ...
     _report(report, as_json=as_json)
 
 
+def _parse_budget(text: str) -> float | None:
+    """``--size-budget``: a positive number, or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--size-budget must be a multiple of the Q4_K_M size like 1.1, or 'none'; got {text!r}") from None
+
+
 def _report(report, *, as_json: bool) -> None:
     """Print ``report`` (table or JSON on stdout); raise VerificationError when it failed."""
     if as_json:
@@ -97,12 +107,15 @@ def _report(report, *, as_json: bool) -> None:
         n_tok = len(report.tokenizer_mismatches)
         rows = [
             ("type", report.quant, ""),
-            ("positions", f"{report.n_positions} in {report.n_texts} texts", ""),
+            ("positions", f"{report.n_positions} in {report.n_texts} texts (after the first of each)", ""),
             ("tokenizer", "identical" if not n_tok else f"{n_tok} mismatch(es)", "identical"),
             ("top-1 agreement", f"{report.top1_agreement:.4f}", f">= {th.min_top1}"),
             ("mean KL (nats)", f"{report.mean_kl:.3g}", f"< {th.max_mean_kl}"),
             ("max KL (nats)", f"{report.max_kl:.3g}", ""),
             ("max |logit diff|", f"{report.max_abs_logit_diff:.3g}", ""),
+            ("first positions", f"KL mean {report.first_position_mean_kl:.3g}, max {report.first_position_max_kl:.3g}; "
+                                f"top-1 {report.first_position_top1:.2f}", "reported"),
+            ("mean KL, all", f"{report.mean_kl_all_positions:.3g}", "reported"),
             ("perplexity source", f"{report.ppl_source:.3f}", ""),
             ("perplexity " + ("onnx" if report.quant.startswith("onnx") else "gguf"), f"{report.ppl_converted:.3f}", ""),
         ]
@@ -142,6 +155,10 @@ def _report(report, *, as_json: bool) -> None:
               help="int4: decoder layers (comma-separated indices, or 'none') whose weights all get 8 bits "
                    "[the first sixth and last third of the layers, plus the down projection of the twelfth "
                    "before that third; a LIST gets no extra down layers].")
+@click.option("--size-budget", metavar="X",
+              help="int4: the weights may take at most X times a Q4_K_M GGUF of the same model (computed from "
+                   "the shapes); without --int8-layers it sets the 4-bit block size and the 8-bit layers "
+                   "[1.1; 'none': the fixed layer shares].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
               help="int4 / blockwise int8: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8; "
                    "default 4: fastest on CPU).")
@@ -153,7 +170,7 @@ def _report(report, *, as_json: bool) -> None:
               help="Verify the result against SRC afterwards (needs torch and transformers).")
 def onnx_cmd(src: str, out_dir: Path, weights: str, int8_method: str, block_size: str | None, symmetric: bool | None,
              method: str | None, grid_search: bool | None, calibration: Path | None, lm_head_bits: str | None, embedding_bits: str | None,
-             attention_bits: str | None, int8_layers: str | None, accuracy_level: int | None, kv_dtype: str | None,
+             attention_bits: str | None, int8_layers: str | None, size_budget: str | None, accuracy_level: int | None, kv_dtype: str | None,
              force: bool, revision: str | None, run_verify: bool) -> None:
     """Export SRC (a checkpoint folder or hub repo id) to the ONNX Runtime model folder OUT_DIR.
 
@@ -176,8 +193,8 @@ def onnx_cmd(src: str, out_dir: Path, weights: str, int8_method: str, block_size
                    "attention_bits": int(attention_bits) if attention_bits else None,
                    "int8_layers": parse_layers(int8_layers) if int8_layers is not None else None}
         quant = replace(quant, **{k: v for k, v in changes.items() if v is not None})
-        if quant.grid_search and quant.method != "gptq":
-            raise ConfigError("--grid-search needs --method gptq (it weighs each block's error by the calibration inputs)")
+        if size_budget is not None:
+            quant = replace(quant, size_budget=_parse_budget(size_budget))
     texts = None
     if calibration is not None:
         texts = [t.strip() for t in calibration.read_text(encoding="utf-8").split("\n\n") if t.strip()]
