@@ -17,11 +17,14 @@ the MatMulNBits types (int4, blockwise int8) are written with ONNX Runtime's con
   Rounding every activation tensor to 8 bits costs ~40x the KL of blockwise int8, so it is not
   the default; attention MatMuls stay float32 in both; the embedding is float16;
 * ``int4``: mixed 4/8-bit (:data:`convert.onnx_quant.INT4`): the MLP weights 4-bit with a zero
-  point per block of 32 (round to nearest; GPTQ optional), except in the first sixth and the
-  last third of the layers (and the down projection of the twelfth before that third); the
-  attention projections, those MLPs and the output projection 8-bit (blocks of 128); the
-  embedding table 4-bit like the MLP (8-bit, shared with the lm_head, when they are tied).
-  Measured choices, below.
+  point per block of 32 (round to nearest; GPTQ optional); the attention projections and the
+  output projection 8-bit (blocks of 128); the embedding table 4-bit like the MLP (8-bit,
+  shared with the lm_head, when they are tied). Within a size budget of 1.1x a Q4_K_M GGUF of
+  the same model (computed from the shapes): where even that plan is over it, 4-bit blocks of
+  64 (then 128); then whole layers 8-bit from both ends inward (two from the end for one from
+  the start) while they fit. On Qwen2.5-0.5B (whose Q4_K_M falls back to 5-bit rows) that is
+  most of the first sixth and last third of the layers; on the 1.5B (a true 4.9-bit Q4_K_M),
+  blocks of 64 and one layer. Measured choices, below.
 
 How int4 was chosen, on Qwen2.5-Coder-0.5B-Instruct (bf16, rebuilt from its Q4_K_M GGUF);
 details and the comparison with GGUF in benchmarks/results/formats.md. Every weight at 4-bit
@@ -138,7 +141,8 @@ import numpy as np
 
 from edge.convert.hf import Checkpoint, resolve_source
 from edge.convert.onnx_quant import (
-    BLOCK_SIZES, Calibration, Packed, QuantPlan, default_calibration_texts, default_plan, gptq, quantize_rtn,
+    BLOCK_SIZES, Calibration, Packed, QuantPlan, default_calibration_texts, default_plan, export_bytes, gptq, q4_k_m_bytes,
+    quantize_rtn,
 )
 from edge.convert.verify import Thresholds, VerifyReport
 from edge.errors import ConfigError, ConversionError, InvalidModelError, ModelNotFoundError, OutputExistsError
@@ -769,7 +773,7 @@ def to_onnx(
     with Checkpoint(folder) as ckpt:
         shape = Shape(ckpt.config, folder / "config.json")
         if plan is not None:
-            plan = plan.resolve(shape.layers, shape.tied)
+            plan = plan.resolve(shape)
         meta = _token_meta(ckpt)
         calibration = None
         if plan is not None and plan.method == "gptq":
@@ -809,6 +813,9 @@ def to_onnx(
                 "lm_head_bits": plan.lm_head_bits if weights == "int4" else None,
                 "quantization": plan.describe() if plan else None,
                 "tensors": plan.summary(shape.layers) if plan else None,
+                # the size budget's reference and what the plan weighs (convert.onnx_quant)
+                "q4_k_m_bytes": q4_k_m_bytes(shape),
+                "planned_weight_bytes": export_bytes(plan, shape) if plan else None,
                 "embedding": _embedding_kind(weights, plan, shape.tied),
                 "quantized_matmuls": quantized,
                 "source": str(src),

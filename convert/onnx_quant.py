@@ -95,7 +95,14 @@ class QuantPlan:
     blocks of ``int8_block_size`` (at 8 bits a zero point or smaller blocks buy nothing
     measurable). ``method`` rounds the 4-bit weights (``rtn`` / ``gptq``). :meth:`resolve`
     fills in the None fields for a model. ``grid_search``: with ``gptq``, each 4-bit block's
-    range chosen by :func:`search_grid` rather than its full [min, max] (module docstring)."""
+    range chosen by :func:`search_grid` rather than its full [min, max] (module docstring).
+
+    ``size_budget`` (default 1.1; None: the fixed layer shares above): the weights may take at
+    most this multiple of a Q4_K_M GGUF of the same model (:func:`q4_k_m_bytes`). When the
+    8-bit layers are not given, :meth:`resolve` first doubles the 4-bit block size while the
+    plan without 8-bit layers is over the budget, then makes layers 8-bit in the order of
+    :func:`promotion_order` (from both ends inward) where they fit, or else their down
+    projection where that fits."""
 
     bits: int = 4
     block_size: int = 32
@@ -109,6 +116,7 @@ class QuantPlan:
     method: str = "rtn"
     accuracy_level: int = 4
     grid_search: bool = False
+    size_budget: float | None = 1.1
 
     def __post_init__(self) -> None:
         for name in ("bits", "attention_bits", "lm_head_bits", "embedding_bits"):
@@ -120,13 +128,28 @@ class QuantPlan:
                 raise ConfigError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {getattr(self, name)}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown quantization method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.size_budget is not None and not self.size_budget > 0:
+            raise ConfigError(f"size budget must be a positive multiple of the Q4_K_M size, got {self.size_budget}")
+        if self.grid_search and self.method != "gptq":
+            raise ConfigError("--grid-search needs --method gptq (it weighs each block's error by the calibration inputs)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"accuracy level must be one of 0, 1, 2, 3, 4, got {self.accuracy_level}")
 
-    def resolve(self, n_layers: int, tied: bool) -> QuantPlan:
-        """This plan for a model of ``n_layers`` layers (``tied``: lm_head = embedding), with the
-        None fields decided."""
+    def resolve(self, dims: Any) -> QuantPlan:
+        """This plan for a model of ``dims``' shapes (``layers``, ``tied`` and, with a size
+        budget, those :func:`q4_k_m_bytes` reads, e.g. :class:`convert.onnx.Shape`), with the None
+        fields decided."""
+        n_layers, tied = dims.layers, dims.tied
         layers, down = self.int8_layers, self.int8_down_layers
+        for name, value in (("int8 layers", layers or ()), ("int8 down layers", down or ())):
+            if any(i >= n_layers for i in value):
+                raise ConfigError(f"{name} {', '.join(map(str, value))}: the model has layers 0..{n_layers - 1}")
+        embedding = self.embedding_bits
+        if embedding is None:
+            embedding = self.lm_head_bits if tied else 4
+        plan = replace(self, embedding_bits=embedding)
+        if layers is None and self.size_budget is not None:
+            return plan._within_budget(dims)
         if layers is None:
             # Measured per layer on Qwen2.5-Coder-0.5B (KL of each weight alone at 4 bits, per MB
             # that 8 bits would add; benchmarks/results/formats.md): the last layers cost most,
@@ -135,14 +158,28 @@ class QuantPlan:
             layers = tuple(range(first)) + tuple(range(n_layers - last, n_layers))
             if down is None:
                 down = tuple(range(n_layers - last - n_layers // 12, n_layers - last))
-        for name, value in (("int8 layers", layers), ("int8 down layers", down or ())):
-            if any(i >= n_layers for i in value):
-                raise ConfigError(f"{name} {', '.join(map(str, value))}: the model has layers 0..{n_layers - 1}")
-        embedding = self.embedding_bits
-        if embedding is None:
-            embedding = self.lm_head_bits if tied else 4
-        return replace(self, int8_layers=tuple(sorted(set(layers))), int8_down_layers=tuple(sorted(set(down or ()))),
-                       embedding_bits=embedding)
+        return replace(plan, int8_layers=tuple(sorted(set(layers))), int8_down_layers=tuple(sorted(set(down or ()))))
+
+    def _within_budget(self, dims: Any) -> QuantPlan:
+        """:meth:`resolve`'s size-budget rule (class docstring)."""
+        budget = self.size_budget * q4_k_m_bytes(dims)
+        plan = replace(self, int8_layers=(), int8_down_layers=tuple(sorted(set(self.int8_down_layers or ()))))
+        while export_bytes(plan, dims) > budget and plan.block_size < 128:
+            plan = replace(plan, block_size=plan.block_size * 2)
+        if export_bytes(plan, dims) > budget:
+            logger.warning("the int4 plan takes %.0f MB even without 8-bit layers, over its budget of %.0f MB "
+                           "(%.2fx the Q4_K_M size)", export_bytes(plan, dims) / 1e6, budget / 1e6, self.size_budget)
+            return plan
+        for kind, i in promotion_order(dims.layers):
+            # a layer that does not fit may still fit its down projection (a third of its MLP)
+            for field in ("int8_layers", "int8_down_layers") if kind == "layer" else ("int8_down_layers",):
+                if i in plan.int8_layers or i in getattr(plan, field):
+                    break
+                grown = replace(plan, **{field: tuple(sorted({*getattr(plan, field), i}))})
+                if export_bytes(grown, dims) <= budget:
+                    plan = grown
+                    break
+        return replace(plan, int8_down_layers=tuple(i for i in plan.int8_down_layers if i not in plan.int8_layers))
 
     def for_weight(self, role: str, layer: int | None) -> TensorQuant:
         """The storage of the weight ``role`` (one of :data:`ROLES`) of ``layer`` (None for
@@ -195,6 +232,28 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return layers
 
 
+def promotion_order(n_layers: int) -> list[tuple[str, int]]:
+    """The order in which a size budget makes weights 8-bit: whole layers from both ends inward,
+    two from the end for one from the start, until the first sixth and the last third are in;
+    then the down projection of the twelfth of the layers before that third; then the other
+    layers in the same inward order. ``("layer", i)`` / ``("down", i)``. From the per-layer
+    measurement on Qwen2.5-Coder-0.5B (benchmarks/results/formats.md): per byte, 4 bits cost
+    most in the last layers, then the first, and least in the middle."""
+    ends, lo, hi = [], 0, n_layers - 1
+    while lo <= hi:
+        for _ in range(2):
+            if lo <= hi:
+                ends.append(hi)
+                hi -= 1
+        if lo <= hi:
+            ends.append(lo)
+            lo += 1
+    rule = n_layers // 6 + n_layers // 3
+    last = n_layers // 3
+    downs = range(n_layers - last - n_layers // 12, n_layers - last)
+    return [("layer", i) for i in ends[:rule]] + [("down", i) for i in downs] + [("layer", i) for i in ends[rule:]]
+
+
 def default_plan(weights: str, quant: QuantPlan | None = None, *, block_size: int | None = None,
                  accuracy_level: int | None = None, lm_head_bits: int | None = None) -> QuantPlan:
     """The plan of a MatMulNBits export (``int4`` or blockwise ``int8``): ``quant`` or the
@@ -217,6 +276,83 @@ INT4 = QuantPlan()
 # Blockwise int8: every weight at 8 bits, symmetric, blocks of 32 (as GGUF q8_0).
 INT8 = QuantPlan(bits=8, symmetric=True, attention_bits=8, lm_head_bits=8, embedding_bits=8, int8_layers=(),
                  int8_block_size=32)
+
+
+# -- sizes --------------------------------------------------------------------------------------
+
+# llama.cpp's block formats: values per block, bytes per block.
+GGML_BLOCKS = {"Q4_K": (256, 144), "Q6_K": (256, 210), "Q5_0": (32, 22), "Q8_0": (32, 34)}
+# What llama.cpp writes instead of a k-quant when a row is not a multiple of its 256 values.
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """The layers whose attn_v and ffn_down a Q4_K_M GGUF stores as Q6_K: the first and last
+    eighth, and every third layer between (checked against R1-Distill-Qwen-7B's file)."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def q4_k_m_bytes(dims: Any) -> int:
+    """Bytes of the tensors of a llama.cpp Q4_K_M GGUF of a model with ``dims``' shapes (an
+    object with ``layers``, ``hidden``, ``heads``, ``kv_heads``, ``head_dim``, ``ffn``, ``vocab``,
+    ``tied`` and ``qkv_bias``, e.g. :class:`convert.onnx.Shape`): Q4_K everywhere but Q6_K for
+    the output projection (the embedding when tied) and for attn_v and ffn_down in half the
+    layers (:func:`_more_bits`), Q5_0 / Q8_0 where a row is not a multiple of 256 values; norms
+    and biases float32. The reference the int4 plan's size budget is a multiple of."""
+
+    def ggml(kind: str, k: int, n: int) -> int:
+        if k % GGML_BLOCKS[kind][0]:
+            kind = _K_FALLBACK[kind]
+        values, nbytes = GGML_BLOCKS[kind]
+        return n * -(-k // values) * nbytes
+
+    h, hd, L = dims.hidden, dims.head_dim, dims.layers
+    total = ggml("Q6_K" if dims.tied else "Q4_K", h, dims.vocab) + (0 if dims.tied else ggml("Q6_K", h, dims.vocab))
+    for i in range(L):
+        more = "Q6_K" if _more_bits(i, L) else "Q4_K"
+        total += ggml("Q4_K", h, dims.heads * hd) + ggml("Q4_K", h, dims.kv_heads * hd) + ggml(more, h, dims.kv_heads * hd)
+        total += ggml("Q4_K", dims.heads * hd, h) + 2 * ggml("Q4_K", h, dims.ffn) + ggml(more, dims.ffn, h)
+    return total + 4 * _float_values(dims)
+
+
+def _float_values(dims: Any) -> int:
+    """Values of the tensors every format keeps in float32: the norms and the q/k/v biases."""
+    bias = (dims.heads + 2 * dims.kv_heads) * dims.head_dim if getattr(dims, "qkv_bias", False) else 0
+    return dims.layers * (2 * dims.hidden + bias) + dims.hidden
+
+
+def weight_shapes(dims: Any) -> list[tuple[str, int | None, int, int]]:
+    """``(role, layer, k, n)`` of every weight matrix the graph stores ([K, N] MatMul layout,
+    q/k/v and gate/up one matrix each; the embedding [hidden, vocab] like the lm_head)."""
+    h, hd = dims.hidden, dims.head_dim
+    out: list[tuple[str, int | None, int, int]] = [("embedding", None, h, dims.vocab), ("lm_head", None, h, dims.vocab)]
+    for i in range(dims.layers):
+        out += [("qkv", i, h, (dims.heads + 2 * dims.kv_heads) * hd), ("o", i, dims.heads * hd, h),
+                ("gate_up", i, h, 2 * dims.ffn), ("down", i, dims.ffn, h)]
+    return out
+
+
+def packed_bytes(quant: TensorQuant, k: int, n: int) -> int:
+    """Bytes of a [K, N] weight in MatMulNBits' format: the packed values, a float32 scale per
+    block and, asymmetric, the zero points (two 4-bit ones per byte)."""
+    quant = quant.fit(k)
+    blocks = -(-k // quant.block_size)
+    zero_points = 0 if quant.symmetric else n * -(-blocks // (8 // quant.bits))
+    return n * blocks * (quant.block_size * quant.bits // 8 + 4) + zero_points
+
+
+def export_bytes(plan: QuantPlan, dims: Any) -> int:
+    """Bytes of the weights of an export of ``dims``' model under the resolved ``plan`` (the
+    data file of the folder, less alignment padding): every weight in its planned format, a
+    tied table stored once when the lm_head and embedding share their bits, norms and biases
+    float32."""
+    shared = dims.tied and plan.lm_head_bits == plan.embedding_bits
+    total = 4 * _float_values(dims)
+    for role, layer, k, n in weight_shapes(dims):
+        if role == "embedding" and shared:
+            continue
+        total += packed_bytes(plan.for_weight(role, layer), k, n)
+    return total
 
 
 # -- the packed MatMulNBits / GatherBlockQuantized format -------------------------------------
@@ -246,28 +382,13 @@ class Packed:
         return np.ascontiguousarray(pairs.reshape(self.n, -1)[:, :blocks])
 
 
-def quantize_rtn(w: np.ndarray, quant: TensorQuant, name: str = "weight", *, search: bool = False,
-                 importance: np.ndarray | None = None) -> Packed:
-    """Round-to-nearest blockwise quantization of ``w`` [K, N]: with ONNX Runtime's kernels, or,
-    with ``search`` (4 bits), on the grids :func:`search_grid` chooses (``importance`` [K]: a
-    weight per input in the squared error, e.g. its mean square; None: all alike)."""
+def quantize_rtn(w: np.ndarray, quant: TensorQuant, name: str = "weight") -> Packed:
+    """Round-to-nearest blockwise quantization of ``w`` [K, N] with ONNX Runtime's kernels."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     if w.ndim != 2:
         raise ConversionError(f"{name}: cannot quantize a {w.ndim}-D weight")
     k, n = w.shape
-    if search and quant.bits == 4 and k % quant.block_size == 0:
-        block = quant.block_size
-        q = np.empty((n, k), dtype=np.uint8)
-        scales = np.empty((n, k // block), dtype=np.float32)
-        zeros = np.empty((n, k // block), dtype=np.float32)
-        for r in range(0, n, 4096):  # in slices of outputs: an embedding table is 136M values
-            wt = np.ascontiguousarray(w[:, r : r + 4096].T, dtype=np.float32)  # [rows, K]
-            scales[r : r + 4096], zeros[r : r + 4096] = search_grid(wt, quant, importance)
-            steps = np.repeat(scales[r : r + 4096], block, axis=1)
-            offsets = np.repeat(zeros[r : r + 4096], block, axis=1)
-            q[r : r + 4096] = np.clip(np.round(wt / steps + offsets), 0, 15)
-        return pack(q, scales, None if quant.symmetric else zeros, quant)
     bits, block = quant.bits, quant.block_size
     blocks = -(-k // block)
     data = np.zeros((n, blocks, block * bits // 8), dtype=np.uint8)

@@ -44,3 +44,18 @@ def write_vocab_gguf(dest: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return dest
+
+
+def header_tensors() -> tuple[dict, list[tuple[str, tuple[int, ...], int]]]:
+    """The slice's metadata (key -> value) and its tensor list: (name, shape as ggml writes it,
+    ggml type id) of every tensor of the whole 7B file, read from the header alone."""
+    import gguf
+
+    class TensorInfoReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):  # keep the infos, map no data
+            self.tensors = []
+            self.infos = [(f.name, tuple(int(x) for x in f.parts[3]), int(f.parts[4][0])) for f in fields]
+
+    reader = TensorInfoReader(slice_path())
+    meta = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("tokenizer.")}
+    return meta, reader.infos

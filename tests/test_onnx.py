@@ -164,6 +164,12 @@ def test_exports_shrink_with_the_weight_type(onnx_of):
     assert manifest["quantization"]["method"] == "rtn" and manifest["symmetric"] is False
     assert set(manifest["tensors"]) == {"qkv", "o", "gate_up", "down", "lm_head", "embedding"}
     assert manifest["kv_dtype"] == "float16" and manifest["external_data"] == ["model.onnx.data"]
+    # the plan's predicted size is the data file's, less alignment padding (page-aligned tensors)
+    for kind in ("int4", "int8"):
+        folder = onnx_of("qwen2", kind)
+        planned = json.loads((folder / "edge_onnx.json").read_text())["planned_weight_bytes"]
+        data = (folder / "model.onnx.data").stat().st_size
+        assert planned <= weight_bytes(folder) and data - planned < 4096 * 16, (kind, planned, data)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -567,13 +573,17 @@ def test_cli_int4_options_are_recorded(ckpts, tmp_path, cli):
     assert manifest["quantization"] == {
         "bits": 4, "block_size": 16, "symmetric": True, "attention_bits": 8, "lm_head_bits": 8, "embedding_bits": 8,
         "int8_layers": [1], "int8_down_layers": [], "int8_block_size": 128, "method": "rtn", "accuracy_level": 0,
-        "grid_search": False}
+        "grid_search": False, "size_budget": 1.1}
     assert manifest["tensors"]["down"] == "4-bit sym b16; 8-bit sym b128 in layers 1"  # the plan (b128 fitted to 64)
     assert manifest["kv_dtype"] == "float32" and manifest["embedding"] == "GatherBlockQuantized 8-bit sym b128"
     _one_line_error(cli("convert", "onnx", str(ckpts["llama"]), str(tmp_path / "bad"), "--weights", "int4",
                         "--int8-layers", "7"), "int8 layers 7", "layers 0..1")
     _one_line_error(cli("convert", "onnx", str(ckpts["llama"]), str(tmp_path / "bad"), "--weights", "int4",
                         "--grid-search"), "--grid-search needs --method gptq")
+    _one_line_error(cli("convert", "onnx", str(ckpts["llama"]), str(tmp_path / "bad"), "--weights", "int4",
+                        "--size-budget", "small"), "--size-budget", "'small'")
+    _one_line_error(cli("convert", "onnx", str(ckpts["llama"]), str(tmp_path / "bad"), "--weights", "int4",
+                        "--size-budget", "-1"), "size budget must be a positive multiple")
     assert not (tmp_path / "bad").exists()
 
 
