@@ -99,13 +99,13 @@ class QuantPlan:
 
     ``size_budget`` (default 1.1; None: the fixed layer shares above): the weights may take at
     most this multiple of a Q4_K_M GGUF of the same model (:func:`q4_k_m_bytes`). When the
-    8-bit layers are not given, :meth:`resolve` first doubles the 4-bit block size while the
-    plan without 8-bit layers is over the budget, then makes layers 8-bit in the order of
+    8-bit layers are not given, :meth:`resolve` first doubles the 4-bit block size (from 32,
+    unless ``block_size`` is given) while the plan without 8-bit layers is over the budget, then makes layers 8-bit in the order of
     :func:`promotion_order` (from both ends inward) where they fit, or else their down
     projection where that fits."""
 
     bits: int = 4
-    block_size: int = 32
+    block_size: int | None = None  # None: 32, or larger where the size budget needs it
     symmetric: bool = False
     attention_bits: int = 8
     lm_head_bits: int = 8
@@ -124,7 +124,7 @@ class QuantPlan:
             if value is not None and value not in BITS:
                 raise ConfigError(f"{name.replace('_', ' ')} must be 4 or 8, got {value}")
         for name in ("block_size", "int8_block_size"):
-            if getattr(self, name) not in BLOCK_SIZES:
+            if getattr(self, name) not in (*BLOCK_SIZES, *((None,) if name == "block_size" else ())):
                 raise ConfigError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {getattr(self, name)}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown quantization method {self.method!r}; choose one of: {', '.join(METHODS)}")
@@ -150,6 +150,7 @@ class QuantPlan:
         plan = replace(self, embedding_bits=embedding)
         if layers is None and self.size_budget is not None:
             return plan._within_budget(dims)
+        plan = replace(plan, block_size=self.block_size or 32)
         if layers is None:
             # Measured per layer on Qwen2.5-Coder-0.5B (KL of each weight alone at 4 bits, per MB
             # that 8 bits would add; benchmarks/results/formats.md): the last layers cost most,
@@ -163,9 +164,10 @@ class QuantPlan:
     def _within_budget(self, dims: Any) -> QuantPlan:
         """:meth:`resolve`'s size-budget rule (class docstring)."""
         budget = self.size_budget * q4_k_m_bytes(dims)
-        plan = replace(self, int8_layers=(), int8_down_layers=tuple(sorted(set(self.int8_down_layers or ()))))
-        while export_bytes(plan, dims) > budget and plan.block_size < 128:
-            plan = replace(plan, block_size=plan.block_size * 2)
+        plan = replace(self, int8_layers=(), int8_down_layers=tuple(sorted(set(self.int8_down_layers or ()))),
+                       block_size=self.block_size or 32)
+        while self.block_size is None and export_bytes(plan, dims) > budget and plan.block_size < 128:
+            plan = replace(plan, block_size=plan.block_size * 2)  # a block size given stays
         if export_bytes(plan, dims) > budget:
             logger.warning("the int4 plan takes %.0f MB even without 8-bit layers, over its budget of %.0f MB "
                            "(%.2fx the Q4_K_M size)", export_bytes(plan, dims) / 1e6, budget / 1e6, self.size_budget)
@@ -196,7 +198,7 @@ class QuantPlan:
             bits = self.bits
         if bits == 8:
             return TensorQuant(8, self.int8_block_size, True)
-        return TensorQuant(4, self.block_size, self.symmetric)
+        return TensorQuant(4, self.block_size or 32, self.symmetric)
 
     def describe(self) -> dict[str, Any]:
         """The plan as the manifest records it."""

@@ -5,7 +5,7 @@ the same token ids and compares the next-token distributions at every position:
 
 * **top-1 agreement**: fraction of positions where both pick the same most likely token;
 * **mean KL(source || converted)** of the next-token distributions, in nats;
-* **max |logit difference|** over all positions and tokens (reported, not thresholded: its
+* **max |logit difference|** over all positions with context and tokens (reported, not thresholded: its
   scale depends on the model's logit range);
 * **perplexity** of each on a held-out text (reported);
 * **tokenization**: llama.cpp's tokenizer (``tokenize(..., add_bos=False, special=True)``) must

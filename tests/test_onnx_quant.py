@@ -194,7 +194,7 @@ def test_size_budget_fits_the_plan_to_the_model(caplog):
     import logging
     from dataclasses import replace
 
-    from edge.convert.onnx_quant import INT4, export_bytes, promotion_order, q4_k_m_bytes
+    from edge.convert.onnx_quant import INT4, default_plan, export_bytes, promotion_order, q4_k_m_bytes
 
     small, large = dims(24), dims(28, hidden=1536, ffn=8960, heads=12)
     for shapes in (small, large, dims(28, hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064)):
@@ -218,4 +218,9 @@ def test_size_budget_fits_the_plan_to_the_model(caplog):
     assert tight.block_size == 128 and tight.int8_layers == () and "over its budget" in caplog.text
     given = replace(INT4, int8_layers=(5,)).resolve(large)  # layers given: no budget, no block change
     assert given.int8_layers == (5,) and given.block_size == 32
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edge.convert.onnx_quant"):
+        fixed_block = replace(INT4, block_size=16).resolve(large)  # a block size given stays; layers fit around it
+    assert fixed_block.block_size == 16 and fixed_block.int8_layers == () and "over its budget" in caplog.text
+    assert default_plan("int4", block_size=32).resolve(large).block_size == 32
 

@@ -136,7 +136,8 @@ def _report(report, *, as_json: bool) -> None:
               help="int8: blockwise (8-bit MatMulNBits, as accurate as GGUF q8_0) or dynamic (quantize_dynamic: "
                    "standard ONNX ops, activations rounded per tensor, less accurate).")
 @click.option("--block-size", type=click.Choice(("16", "32", "64", "128", "256")),
-              help="int4: block size of the 4-bit weights [32]; blockwise int8: of all weights [32].")
+              help="int4: block size of the 4-bit weights [32, or 64/128 where the size budget needs it]; "
+                   "blockwise int8: of all weights [32].")
 @click.option("--symmetric/--asymmetric", default=None,
               help="int4: 4-bit blocks without / with a zero point [asymmetric].")
 @click.option("--method", type=click.Choice(("rtn", "gptq")),
