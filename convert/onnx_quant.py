@@ -89,9 +89,9 @@ class QuantPlan:
     ``embedding_bits`` the embedding table (None: the lm_head's bits when they are tied, so the
     table is stored once, else 4); ``int8_layers`` are decoder layers whose every weight gets
     8 bits and ``int8_down_layers`` further layers whose MLP down projection does (both None:
-    the first sixth and the last third of the layers, and the down projection of the twelfth
-    before that last third, :meth:`resolve`; ``int8_layers`` given alone: no further down
-    layers). 8-bit weights are symmetric with
+    chosen by the size budget below; without one, the first sixth and the last third of the
+    layers, and the down projection of the twelfth before that last third, :meth:`resolve`;
+    ``int8_layers`` given alone: no further down layers). 8-bit weights are symmetric with
     blocks of ``int8_block_size`` (at 8 bits a zero point or smaller blocks buy nothing
     measurable). ``method`` rounds the 4-bit weights (``rtn`` / ``gptq``). :meth:`resolve`
     fills in the None fields for a model. ``grid_search``: with ``gptq``, each 4-bit block's

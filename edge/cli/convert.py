@@ -154,8 +154,9 @@ def _report(report, *, as_json: bool) -> None:
 @click.option("--attention-bits", type=click.Choice(("4", "8")), help="int4: bits of the q/k/v and o projections [8].")
 @click.option("--int8-layers", metavar="LIST",
               help="int4: decoder layers (comma-separated indices, or 'none') whose weights all get 8 bits "
-                   "[the first sixth and last third of the layers, plus the down projection of the twelfth "
-                   "before that third; a LIST gets no extra down layers].")
+                   "[as many as --size-budget allows, from both ends inward; with --size-budget none the first "
+                   "sixth and last third, plus the down projection of the twelfth before that third; a LIST gets "
+                   "no extra down layers].")
 @click.option("--size-budget", metavar="X",
               help="int4: the weights may take at most X times a Q4_K_M GGUF of the same model (computed from "
                    "the shapes); without --int8-layers it sets the 4-bit block size and the 8-bit layers "
