@@ -67,6 +67,16 @@ def smollm2_runtime(smollm2):
     rt.close()
 
 
+@pytest.fixture(scope="module")
+def tiny_runtime():
+    """The bundled tiny-r1 on CPU, one thread, a 1024-token context (one per test module)."""
+    from edge.runtime import Runtime
+
+    rt = Runtime(None, n_ctx=1024, threads=1, device="cpu")
+    yield rt
+    rt.close()
+
+
 def run_cli(*args: str | bytes, input: str | bytes | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``edge-reason`` in a subprocess, as a user would (``input`` as bytes: raw bytes on
     stdin, and stdout/stderr come back as bytes too)."""

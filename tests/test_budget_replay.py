@@ -121,14 +121,7 @@ def test_smollm2_prompted_budgets_live_equal_their_replay(smollm2_r1):
     assert any(stops) and not all(stops)  # sure: stopped at its probe; not sure: went on to high
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    rt = Runtime(None, n_ctx=1024, threads=1, device="cpu")
-    yield rt
-    rt.close()
-
-
-def test_tiny_r1_budgets_live_equal_their_replay(tiny):
+def test_tiny_r1_budgets_live_equal_their_replay(tiny_runtime):
     """tiny-r1 answers right, so correctness carries information here: a cap short of its probe
     point goes on to it, on it keeps it, one past takes the token back, one short of the end (the
     close sampled at the cap) cuts too, and the full length is the unlimited run."""
@@ -141,7 +134,7 @@ def test_tiny_r1_budgets_live_equal_their_replay(tiny):
         return ["budget-probe:" + ",".join(map(str, sorted({at - 3, at, at + 1, end - 1, end}))),
                 "signal:1:0.5:1:inf", f"signal:1:1.0:1:{at + 1}"]
 
-    oracle, outcomes = run_case(tiny, items, params, policies)
+    oracle, outcomes = run_case(tiny_runtime, items, params, policies)
     assert [r["correct"] for r in oracle] == [True, True, True, False]  # the stress problem is beyond it
     assert ALL_CASES <= fixed_cases(outcomes)
     assert {w["correct"] for p, w in outcomes} == {True, False}

@@ -31,6 +31,17 @@ from tests.scripted import ScriptedBackend
 
 SCRIPT = ["Step one.", "\n\n", "Step two.", "\n\n", "So x = 7.", "\n\n", "Wait", ", let me check.", " Yes, x = 7.", "\n", "</think>"]
 ANSWER = "\n\n**Final Answer**\n\\boxed{7}"
+
+
+class EndsWhileThinking(ScriptedBackend):
+    """The script, except that the model ends (EOS) after its fourth thinking token."""
+
+    def _next(self):
+        if "</think>" not in self.text() and sum(self.script_base <= t < self.eos_id for t in self.tokens) == 4:
+            return self.eos_id, 0.99
+        return super()._next()
+
+
 GREEDY = SamplingParams(temperature=0, max_tokens=200)
 INDUCER = "</think>\n\n**Final Answer**\n\\boxed{"
 
@@ -270,12 +281,6 @@ def test_probe_cut_leaves_an_end_inside_thinking_alone():
     """The oracle's run ends where the model ends it; a probe cut within its cap does too (a
     token or step cut injects the message and makes the model answer)."""
 
-    class EndsWhileThinking(ScriptedBackend):
-        def _next(self):
-            if "</think>" not in self.text() and sum(self.script_base <= t < self.eos_id for t in self.tokens) == 4:
-                return self.eos_id, 0.99
-            return super()._next()
-
     r, events = run(EndsWhileThinking(SCRIPT, ANSWER), [ThinkingBudget(max_thinking=4, cut="probe")])
     assert r.stats.thinking_tokens == 4 and r.stats.exit_reason == "eos" and not r.answer and not controls(events, Injected)
 
@@ -400,12 +405,6 @@ def test_controller_actions_are_typed_events_reported_before_their_text():
     assert (closed.thinking_tokens, closed.budget) == (len(SCRIPT) - 1, len(SCRIPT) - 1) and not controls(events, BudgetExhausted)
     assert r.stats.exit_reason == "eos" and "\\boxed{" in r.answer
     # the model ends while thinking: the end message and the close are written for it
-    class EndsWhileThinking(ScriptedBackend):
-        def _next(self):
-            if "</think>" not in self.text() and sum(self.script_base <= t < self.eos_id for t in self.tokens) == 4:
-                return self.eos_id, 0.99
-            return super()._next()
-
     r, events = run(EndsWhileThinking(SCRIPT, ANSWER), [ThinkingBudget(max_thinking=100, end_message="\nStop.\n")])
     (unclosed,) = controls(events, ThinkingUnclosed)
     assert isinstance(unclosed, Injected) and unclosed.thinking_tokens == 4

@@ -17,18 +17,11 @@ from edge.runtime import Runtime, collect
 GREEDY = SamplingParams(temperature=0, top_p=1.0, max_tokens=600)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    rt = Runtime(None, n_ctx=1024, threads=1, device="cpu")
-    yield rt
-    rt.close()
-
-
-def test_replay_of_the_oracle_run_equals_live_early_exit(tiny):
+def test_replay_of_the_oracle_run_equals_live_early_exit(tiny_runtime):
     """Under greedy decoding an exit at probe i is the oracle trace up to probe i plus the probe's
     answer: the replay gives the live run's thinking tokens, probe tokens and correctness."""
     items = [i for i in load_task("tiny-r1") if i.level in (2, 5, 8)][::25][:6] + load_task("tiny-r1-stress")[::40][:2]
-    oracle = harness.evaluate(tiny, items, harness.parse_policies("oracle"), GREEDY)
+    oracle = harness.evaluate(tiny_runtime, items, harness.parse_policies("oracle"), GREEDY)
     cal = Calibration((-2.0, 0.8, 1.5, 1.0))
     rules = [(EarlyExit(threshold=t), offline.confidence_rule(t)) for t in (0.5, 0.9, 0.999)]
     rules.append((EarlyExit(mode="consistency", k=2), offline.consistency_rule(2)))
@@ -36,7 +29,7 @@ def test_replay_of_the_oracle_run_equals_live_early_exit(tiny):
     exits = 0
     for live_ctl, rule in rules:
         for item, rec in zip(items, oracle):
-            reply = collect(tiny.chat([{"role": "user", "content": item.prompt}], GREEDY, controllers=[live_ctl]))
+            reply = collect(tiny_runtime.chat([{"role": "user", "content": item.prompt}], GREEDY, controllers=[live_ctl]))
             sim = offline.replay(rec, rule)
             assert sim["thinking_tokens"] == reply.stats.thinking_tokens, (item.id, live_ctl)
             assert sim["probe_tokens"] == reply.stats.probe_tokens
