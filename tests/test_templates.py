@@ -20,6 +20,9 @@ from edge.templates import ChatTemplate, TemplateLimits
 MSGS = [{"role": "user", "content": "hi"}]
 NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 NESTED_OUTPUT = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+# the same endless output in 4 KiB pieces: it passes the CLI's 4 MiB limit in ~1,000 steps, far
+# inside the 2 s render deadline even on a loaded machine (one character a step took ~2 s there)
+NESTED_OUTPUT_FAST = "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'x' * 4096 }}{% endfor %}{% endfor %}"
 HANG = 60.0  # generous bound: past it, a render counts as hung
 
 
@@ -211,7 +214,7 @@ def test_cli_run_stops_a_nested_loop_template_from_the_gguf(cli, gguf_with):
 
 
 def test_cli_run_stops_a_gguf_template_whose_output_never_ends(cli, gguf_with):
-    r = cli("run", "hi", "-m", str(gguf_with(NESTED_OUTPUT)), "--max-tokens", "4", timeout=HANG)
+    r = cli("run", "hi", "-m", str(gguf_with(NESTED_OUTPUT_FAST)), "--max-tokens", "4", timeout=HANG)
     one_line_error(r, f"the output passed {4 << 20} characters, the limit")
 
 
