@@ -221,7 +221,8 @@ class Runtime:
         #: None: its defaults with this machine's batch-cost curve, measured once and cached
         #: (:func:`edge.speculative.batch_cost_curve`) when a call first needs it
         self.speculation = None
-        self._cost_curve = None  # the measured curve, once known (or why it could not be measured)
+        self._cost_curve = None  # the measured curve, once known
+        self._no_cost_curve = None  # or why it could not be measured
         self._closed = False
 
     # -- prompts -------------------------------------------------------------------------------
@@ -384,12 +385,12 @@ class Runtime:
             self.check_open()
             if not batch_verify(self.backend):
                 raise BackendError(f"the {self.backend.info.name} backend has no batched verification of drafts: it has no batch-cost curve")
-            self._cost_curve = batch_cost_curve(self.backend, refresh=refresh)
+            self._cost_curve, self._no_cost_curve = batch_cost_curve(self.backend, refresh=refresh), None
             return self._cost_curve
 
     def _plan_speculation(self, mode: bool | None) -> "Speculation":
         from edge.errors import BackendError
-        from edge.speculative import DISABLED, CostCurve, Speculation, SpeculativeConfig, batch_cost_curve, batch_verify, decide
+        from edge.speculative import DISABLED, Speculation, SpeculativeConfig, batch_cost_curve, batch_verify, decide
 
         if mode is False:
             return DISABLED
@@ -397,13 +398,13 @@ class Runtime:
             return decide(mode, self.backend, self.speculation, source="given")
         if not batch_verify(self.backend):
             return decide(mode, self.backend, None)
-        if self._cost_curve is None:
+        if self._cost_curve is None and self._no_cost_curve is None:
             try:
                 self._cost_curve = batch_cost_curve(self.backend)
             except BackendError as exc:  # e.g. a context too small to measure in
-                self._cost_curve = f"the batch cost could not be measured ({exc})"
-        if not isinstance(self._cost_curve, CostCurve):
-            return decide(mode, self.backend, None) if mode else Speculation(None, self._cost_curve)
+                self._no_cost_curve = f"the batch cost could not be measured ({exc})"
+        if self._cost_curve is None:
+            return decide(mode, self.backend, None) if mode else Speculation(None, self._no_cost_curve)
         return decide(mode, self.backend, SpeculativeConfig(cost=self._cost_curve.cost), source="measured",
                       settled=self._cost_curve.settled)
 
