@@ -413,3 +413,25 @@ def test_server_greedy_reply_is_the_same_with_auto_and_without(smollm2, tmp_path
     finally:
         srv.stop()
         rt.close()
+
+
+def test_a_curve_that_cannot_be_measured_turns_auto_off_once_and_says_why(smollm2, tmp_path, monkeypatch):
+    import edge.speculative as spec
+    from edge.errors import BackendError
+    from edge.runtime import Runtime
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    calls = []
+
+    def fails(*a, **kw):
+        calls.append(1)
+        raise BackendError("the context is too small")
+
+    monkeypatch.setattr(spec, "measure_batch_cost", fails)
+    with Runtime(str(smollm2), n_ctx=512, threads=1) as rt:
+        for _ in range(2):
+            s = rt.ask(PROMPT, GREEDY.with_(max_tokens=8)).stats
+            assert s.speculation == "off: the batch cost could not be measured (the context is too small)"
+            assert s.model_steps == 0
+        assert rt.ask(PROMPT, GREEDY.with_(max_tokens=8, speculate=True)).stats.speculation.startswith("on:")
+    assert len(calls) == 1  # tried once per runtime, not before every call
