@@ -1,6 +1,6 @@
 # Simulate whole int4 plans on the 0.5B (fake quant in torch) incl. size vs budget
 import sys, time, json, torch
-sys.path.insert(0, "/work/main"); sys.path.insert(0, "/work/runs/s5")
+HERE = __import__("os").path.dirname(__import__("os").path.abspath(__file__)); sys.path.insert(0, HERE); sys.path.insert(0, HERE + "/../../..")
 import convert.onnx_quant as oq
 from convert.onnx import Shape
 from pathlib import Path

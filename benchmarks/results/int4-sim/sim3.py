@@ -1,5 +1,5 @@
 import sys, time, json, torch, os
-sys.path.insert(0, "/work/main"); sys.path.insert(0, "/work/runs/s5")
+HERE = __import__("os").path.dirname(__import__("os").path.abspath(__file__)); sys.path.insert(0, HERE); sys.path.insert(0, HERE + "/../../..")
 import convert.onnx_quant as oq
 from convert.onnx import Shape
 from pathlib import Path
@@ -9,7 +9,7 @@ model, seqs, base = S.load(SRC)
 dims = Shape(json.loads((Path(SRC) / "config.json").read_text()), Path(SRC))
 ref = oq.q4_k_m_bytes(dims); orig_pb = oq.packed_bytes
 t = time.time()
-cache = Path("/work/runs/s5/hess05.pt")
+cache = Path("hess05.pt")
 if cache.exists():
     sums, ntok = torch.load(cache)
 else:

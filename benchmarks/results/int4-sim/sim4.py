@@ -1,6 +1,6 @@
 # GPTQ the default plan once (cached hessians), then vary the embedding's 4-bit scheme
 import sys, time, json, torch
-sys.path.insert(0, "/work/main"); sys.path.insert(0, "/work/runs/s5")
+HERE = __import__("os").path.dirname(__import__("os").path.abspath(__file__)); sys.path.insert(0, HERE); sys.path.insert(0, HERE + "/../../..")
 import convert.onnx_quant as oq
 from convert.onnx import Shape
 from pathlib import Path
@@ -8,7 +8,7 @@ import sim_lib as S
 SRC = sys.argv[1]
 model, seqs, base = S.load(SRC)
 dims = Shape(json.loads((Path(SRC) / "config.json").read_text()), Path(SRC))
-sums, ntok = torch.load("/work/runs/s5/hess05.pt")
+sums, ntok = torch.load("hess05.pt")
 plan = oq.QuantPlan().resolve(dims)
 offsets = len(sys.argv) > 2 and sys.argv[2] == "offsets"
 for i, layer in enumerate(model.model.layers):

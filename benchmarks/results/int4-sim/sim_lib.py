@@ -1,5 +1,5 @@
 import sys, torch
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)) + "/../../..")
 from convert.verify import DEFAULT_PROMPTS
 torch.set_num_threads(int(__import__("os").environ.get("SIM_THREADS", "1")))
 def load(src, prompts=DEFAULT_PROMPTS):
