@@ -1,5 +1,5 @@
 # Simulate whole int4 plans on the 0.5B (fake quant in torch) incl. size vs budget
-import sys, time, json, torch
+import sys, time, json
 HERE = __import__("os").path.dirname(__import__("os").path.abspath(__file__)); sys.path.insert(0, HERE); sys.path.insert(0, HERE + "/../../..")
 import convert.onnx_quant as oq
 from convert.onnx import Shape
@@ -10,19 +10,10 @@ sim = __import__("sim_lib")
 model, seqs, base = sim.load(SRC)
 dims = Shape(json.loads((Path(SRC) / "config.json").read_text()), Path(SRC))
 ref = oq.q4_k_m_bytes(dims)
-orig_pb = oq.packed_bytes
 for v in variants:
     scheme, cbits, bs = v.split(":")  # e.g. ort:0:auto, qk:8:auto
     cbits = int(cbits)
-    def pb(quant, k, n, cbits=cbits):
-        b = orig_pb(quant, k, n)
-        if quant.bits == 4 and cbits:
-            q = quant.fit(k); b += n * (k // q.block_size) * cbits // 8
-        return b
-    oq.packed_bytes = pb
-    plan = oq.QuantPlan(block_size=None if bs == "auto" else int(bs)).resolve(dims)
-    size = oq.export_bytes(plan, dims)
-    oq.packed_bytes = orig_pb
+    plan, size = sim.plan_with_correction(dims, cbits, bs)
     t = time.time()
     top1, kl = sim.evaluate(model, seqs, base, plan, scheme, cbits)
     print(f"{v:14s} b{plan.block_size} int8={plan.int8_layers} down={plan.int8_down_layers} size={size/ref:.3f} top1={top1:.3f} KL={kl:.5f} ({time.time()-t:.0f}s)", flush=True)

@@ -1,4 +1,4 @@
-import sys, time, json, torch, os
+import sys, time, json, torch
 HERE = __import__("os").path.dirname(__import__("os").path.abspath(__file__)); sys.path.insert(0, HERE); sys.path.insert(0, HERE + "/../../..")
 import convert.onnx_quant as oq
 from convert.onnx import Shape
@@ -7,7 +7,7 @@ import sim_lib as S
 SRC = sys.argv[1]; variants = sys.argv[2].split(",")
 model, seqs, base = S.load(SRC)
 dims = Shape(json.loads((Path(SRC) / "config.json").read_text()), Path(SRC))
-ref = oq.q4_k_m_bytes(dims); orig_pb = oq.packed_bytes
+ref = oq.q4_k_m_bytes(dims)
 t = time.time()
 cache = Path("hess05.pt")
 if cache.exists():
@@ -19,14 +19,7 @@ else:
 print("calibration", time.time() - t, flush=True)
 for v in variants:
     method, cbits, bs, emb = v.split(":"); cbits = int(cbits)
-    def pb(quant, k, n, cbits=cbits):
-        b = orig_pb(quant, k, n)
-        if quant.bits == 4 and cbits:
-            q = quant.fit(k); b += n * (k // q.block_size) * cbits // 8
-        return b
-    oq.packed_bytes = pb
-    plan = oq.QuantPlan(block_size=None if bs == "auto" else int(bs), embedding_bits=int(emb)).resolve(dims)
-    size = oq.export_bytes(plan, dims); oq.packed_bytes = orig_pb
+    plan, size = S.plan_with_correction(dims, cbits, bs, embedding_bits=int(emb))
     t = time.time(); saved = {}
     for i, layer in enumerate(model.model.layers):
         for role, names in S.NAMES.items():

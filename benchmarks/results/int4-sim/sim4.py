@@ -1,5 +1,5 @@
 # GPTQ the default plan once (cached hessians), then vary the embedding's 4-bit scheme
-import sys, time, json, torch
+import sys, json, torch
 HERE = __import__("os").path.dirname(__import__("os").path.abspath(__file__)); sys.path.insert(0, HERE); sys.path.insert(0, HERE + "/../../..")
 import convert.onnx_quant as oq
 from convert.onnx import Shape

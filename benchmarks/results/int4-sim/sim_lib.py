@@ -129,3 +129,23 @@ def gptq_float(w, H, block, damp=0.1, group=128, offsets=True):
             err[:, i] = e
         W[:, c2:] -= err @ Hinv[c1:c2, c2:]
     return Q
+
+
+def plan_with_correction(dims, cbits, block, **fields):
+    """The resolved int4 plan and its bytes when every 4-bit block also stores a ``cbits``-bit
+    offset correction (the size budget then sees those bytes too)."""
+    import convert.onnx_quant as oq
+    real = oq.packed_bytes
+
+    def with_correction(quant, k, n):
+        b = real(quant, k, n)
+        if quant.bits == 4 and cbits:
+            b += n * (k // quant.fit(k).block_size) * cbits // 8
+        return b
+
+    oq.packed_bytes = with_correction
+    try:
+        plan = oq.QuantPlan(block_size=None if block == "auto" else int(block), **fields).resolve(dims)
+        return plan, oq.export_bytes(plan, dims)
+    finally:
+        oq.packed_bytes = real
