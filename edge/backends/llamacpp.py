@@ -10,7 +10,10 @@ API directly so that each step costs one ``llama_decode`` and one logits copy:
 - ``score`` evaluates a batch asking for every position's logits (a speculative draft is
   verified in one ``llama_decode``);
 - ``rollback`` calls ``llama_memory_seq_rm(mem, 0, n, -1)``: the cache is truncated in place,
-  nothing is re-evaluated.
+  nothing is re-evaluated;
+- the context computes on a persistent ggml thread pool, as llama-server does
+  (:mod:`edge.backends.threadpool`; ``threadpool=False`` leaves llama.cpp's default; the
+  backend's ``info.extra["threadpool"]`` says which it got).
 """
 
 from __future__ import annotations
@@ -193,6 +196,7 @@ class LlamaCppBackend(BackendBase):
         flash_attn: bool | None = None,
         kv_cache: str = "f16",
         ctx_beyond_training: bool = False,
+        threadpool: bool = True,
     ) -> None:
         n_ctx = check_n_ctx(n_ctx)
         kv = kv_cache_type(kv_cache)
@@ -251,6 +255,11 @@ class LlamaCppBackend(BackendBase):
                 raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?); use a smaller --ctx") from None
             raise InvalidModelError(f"llama.cpp could not load {path}: the file is truncated, corrupt or of an unsupported architecture ({exc})") from None
         self._ctx = self._llm.ctx
+        self._pools, pool_note = None, "llama.cpp's default (threadpool=False)"
+        if threadpool:
+            from edge.backends.threadpool import attach
+
+            self._pools, pool_note = attach(llama_cpp, self._ctx, n_threads, n_threads_batch)
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         if not self._vocab or not self._mem:
@@ -292,6 +301,7 @@ class LlamaCppBackend(BackendBase):
                 "n_layers": n_layers,
                 "threads_batch": int(self._llm.context_params.n_threads_batch),
                 "threads_source": "--threads" if threads is not None else auto.source,
+                "threadpool": pool_note,
                 "kv_cache": kv.name,
                 "flash_attn": bool(flash_attn),
                 "ctx_source": ctx_source,
@@ -460,6 +470,10 @@ class LlamaCppBackend(BackendBase):
             llm.close()
             self._llm = None
             self._ctx = self._vocab = self._mem = None
+        pools = getattr(self, "_pools", None)
+        if pools is not None:  # after the context that used them
+            pools.free()
+            self._pools = None
 
     def _check_open(self) -> None:
         if self._llm is None:
