@@ -35,3 +35,8 @@ def test_decode_and_batch_threads_that_differ_get_a_pool_each(smollm2, monkeypat
     finally:
         b.close()
     assert b._pools is None  # freed after the context
+
+
+def test_one_thread_is_said_in_the_singular(smollm2):
+    with LlamaCppBackend(smollm2, n_ctx=64, threads=1) as b:
+        assert b.info.extra["threadpool"] == "persistent (1 thread, no polling)"

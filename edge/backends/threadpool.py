@@ -83,6 +83,7 @@ def attach(llama_cpp, ctx, n_threads: int, n_threads_batch: int) -> tuple[Thread
             return None, "llama.cpp's default (ggml_threadpool_new failed)"
         pools.append(pool)
     batch = pools[-1]
-    attach_fn(ctypes.c_void_p(ctx), ctypes.c_void_p(pools[0]), ctypes.c_void_p(batch))
-    sizes = " and ".join(str(n) for n in dict.fromkeys((n_threads, n_threads_batch)))
-    return ThreadPools(pools, free), f"persistent ({sizes} threads, no polling)"
+    attach_fn(ctx if isinstance(ctx, ctypes.c_void_p) else ctypes.c_void_p(ctx), ctypes.c_void_p(pools[0]), ctypes.c_void_p(batch))
+    counts = list(dict.fromkeys((n_threads, n_threads_batch)))
+    sizes = " and ".join(map(str, counts)) + (" thread" if counts == [1] else " threads")
+    return ThreadPools(pools, free), f"persistent ({sizes}, no polling)"
