@@ -3,7 +3,8 @@
 Without one, llama.cpp's CPU backend runs each graph on a pool it makes for that call; llama-cpp-python
 has no binding to attach one. Measured on Qwen2.5-Coder-1.5B Q4_K_M, 2 threads, greedy, 5 interleaved rounds of 128 tokens
 (benchmarks/results/peers/README.md): 1.03-1.06x the decode speed, the same tokens. The pool
-does not poll (``poll=0``): idle threads sleep, as llama.cpp's own default pools do between calls.
+does not poll (``poll=0``): idle threads sleep rather than spin (polling, llama-server's default,
+measured no faster here and would keep a laptop's cores busy).
 
 The functions are reached with ctypes in the shared libraries the llama_cpp package ships. The
 struct ``ggml_threadpool_params`` is checked against ggml's own defaults before use. A library
