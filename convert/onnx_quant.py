@@ -54,6 +54,7 @@ METHODS = ("rtn", "gptq")
 CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(11))  # 1.0 .. 0.75
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 32  # 4-bit blocks when neither the caller nor the size budget sets one
 
 # Weight roles, as the graph names its MatMuls (q/k/v and gate/up are one MatMul each).
 ROLES = ("qkv", "o", "gate_up", "down", "lm_head", "embedding")
@@ -150,7 +151,7 @@ class QuantPlan:
         plan = replace(self, embedding_bits=embedding)
         if layers is None and self.size_budget is not None:
             return plan._within_budget(dims)
-        plan = replace(plan, block_size=self.block_size or 32)
+        plan = replace(plan, block_size=self.block_size or DEFAULT_BLOCK_SIZE)
         if layers is None:
             # Measured per layer on Qwen2.5-Coder-0.5B (KL of each weight alone at 4 bits, per MB
             # that 8 bits would add; benchmarks/results/formats.md): the last layers cost most,
@@ -165,7 +166,7 @@ class QuantPlan:
         """:meth:`resolve`'s size-budget rule (class docstring)."""
         budget = self.size_budget * q4_k_m_bytes(dims)
         plan = replace(self, int8_layers=(), int8_down_layers=tuple(sorted(set(self.int8_down_layers or ()))),
-                       block_size=self.block_size or 32)
+                       block_size=self.block_size or DEFAULT_BLOCK_SIZE)
         while self.block_size is None and export_bytes(plan, dims) > budget and plan.block_size < 128:
             plan = replace(plan, block_size=plan.block_size * 2)  # a block size given stays
         if export_bytes(plan, dims) > budget:
@@ -198,7 +199,7 @@ class QuantPlan:
             bits = self.bits
         if bits == 8:
             return TensorQuant(8, self.int8_block_size, True)
-        return TensorQuant(4, self.block_size or 32, self.symmetric)
+        return TensorQuant(4, self.block_size or DEFAULT_BLOCK_SIZE, self.symmetric)
 
     def describe(self) -> dict[str, Any]:
         """The plan as the manifest records it."""
