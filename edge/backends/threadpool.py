@@ -14,11 +14,9 @@ without these symbols, or with another layout, keeps llama.cpp's default, and sa
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
+import sys
 from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
 
 _MAX_THREADS = 512  # GGML_MAX_N_THREADS
 _DEFAULT_POLL = 50  # what ggml_threadpool_params_default() sets: the layout check
@@ -46,11 +44,11 @@ class ThreadPools:
 def _libs(llama_cpp):
     libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
     names = ("libggml-base", "libggml-cpu", "libllama")
-    ext = {"nt": ".dll", "darwin": ".dylib"}.get(os.name if os.name == "nt" else os.uname().sysname.lower(), ".so")
+    ext = ".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"
     libs = []
     for name in names:
         path = os.path.join(libdir, name + ext)
-        if not os.path.exists(path) and os.name == "nt":
+        if not os.path.exists(path) and sys.platform == "win32":
             path = os.path.join(libdir, name.removeprefix("lib") + ext)
         libs.append(ctypes.CDLL(path, mode=getattr(ctypes, "RTLD_GLOBAL", 0)))
     return libs
@@ -72,7 +70,8 @@ def attach(llama_cpp, ctx, n_threads: int, n_threads_batch: int) -> tuple[Thread
     except (OSError, AttributeError) as exc:
         return None, f"llama.cpp's default (no thread-pool functions in this build: {exc})"
     pools = []
-    for n in dict.fromkeys((n_threads, n_threads_batch)):
+    counts = list(dict.fromkeys((n_threads, n_threads_batch)))  # one pool when the two agree
+    for n in counts:
         params = default(int(n))
         if params.n_threads != n or params.poll != _DEFAULT_POLL:
             ThreadPools(pools, free).free()
@@ -85,6 +84,5 @@ def attach(llama_cpp, ctx, n_threads: int, n_threads_batch: int) -> tuple[Thread
         pools.append(pool)
     batch = pools[-1]
     attach_fn(ctx if isinstance(ctx, ctypes.c_void_p) else ctypes.c_void_p(ctx), ctypes.c_void_p(pools[0]), ctypes.c_void_p(batch))
-    counts = list(dict.fromkeys((n_threads, n_threads_batch)))
     sizes = " and ".join(map(str, counts)) + (" thread" if counts == [1] else " threads")
     return ThreadPools(pools, free), f"persistent ({sizes}, no polling)"
