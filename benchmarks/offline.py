@@ -51,7 +51,9 @@ def load_records(run: Path) -> list[dict]:
 
 
 def trials_of(rec: dict) -> list[Trial]:
-    return [{"at": t[0], "answer": t[1], "confidence": t[2], "cost": t[3] if len(t) > 3 else 0, "finished": bool(t[4]) if len(t) > 4 else True}
+    """The recorded probes as dicts; ``chars`` and ``stream`` are None in journals older than them."""
+    return [{"at": t[0], "answer": t[1], "confidence": t[2], "cost": t[3] if len(t) > 3 else 0, "finished": bool(t[4]) if len(t) > 4 else True,
+             "chars": t[5] if len(t) > 5 else None, "stream": t[6] if len(t) > 6 else None}
             for t in rec.get("trials", [])]
 
 
@@ -123,7 +125,12 @@ def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> float:
 
 
 def summarize(recs: Sequence[dict], rule: Rule | None, name: str, *, min_gap: int = 0) -> dict:
-    runs = [replay(r, rule, min_gap=min_gap) for r in recs]
+    return _summary(recs, [replay(r, rule, min_gap=min_gap) for r in recs], name)
+
+
+def _summary(recs: Sequence[dict], runs: Sequence[dict], name: str) -> dict:
+    """The row of a policy from what it did on each record (``runs``, one per record, as
+    :func:`replay` gives)."""
     base = [bool(r["correct"]) for r in recs]
     corr = [r["correct"] for r in runs]
     n, k = len(runs), sum(corr)
@@ -146,6 +153,39 @@ def summarize(recs: Sequence[dict], rule: Rule | None, name: str, *, min_gap: in
         "share_of_bound": (base_t - net) / bound if bound else float("nan"),
         "exits": sum(r["exited"] for r in runs),
     }
+
+
+# -- ceilings: what no exit rule on these probes can beat ---------------------------------------
+def hindsight_rule(rec: dict) -> Rule:
+    """Exit at the first probe that gives the run's own final answer: a gate that knew the
+    answer in advance. Its accuracy is the unlimited one and it pays every probe before that
+    point, so its net saving bounds any rule that decides from these probes."""
+    pred = rec.get("pred")
+    return lambda ts: pred is not None and ts[-1]["finished"] and is_equiv(ts[-1]["answer"], pred)
+
+
+def ceilings(recs: Sequence[dict], gaps: Sequence[int] | None = None) -> list[dict]:
+    """Two upper bounds on early exit over ``recs``, as policy rows:
+
+    - ``ceiling: hindsight gate, gap G``: :func:`hindsight_rule` on the probe schedule with
+      spacing G (each spacing of ``gaps``, by default those the rules are chosen from; these rows
+      are read on the slice they bound, never chosen on it);
+    - ``ceiling: one probe, at the oracle point``: a schedule that probed exactly once, where
+      the final answer first appears, paying that single probe: what a free signal that knew
+      when to probe, plus one probe, could capture."""
+    rows = [_summary(recs, [replay(r, hindsight_rule(r), min_gap=g) for r in recs], f"ceiling: hindsight gate, gap {g}")
+            for g in (GAP_GRID if gaps is None else gaps)]
+    once = []
+    for r in recs:
+        at = oracle_point(r)
+        hit = next((t for t in trials_of(r) if t["at"] == at), None) if at < r["thinking_tokens"] else None
+        if hit is None:
+            once.append(replay(r, None))
+        else:
+            once.append({"id": r["id"], "thinking_tokens": at, "probe_tokens": hit["cost"], "pred": hit["answer"],
+                         "correct": is_equiv(hit["answer"], r["gold"]), "exited": True})
+    rows.append(_summary(recs, once, "ceiling: one probe, at the oracle point"))
+    return rows
 
 
 # -- calibration -------------------------------------------------------------------------------
@@ -452,6 +492,7 @@ def analyse(recs: Sequence[dict], n_val: int, *, label: str = "", validation: Se
         "calibration": cal.to_dict(),
         "calibration_test": calibration_report(test, cal),
         "rows": rows,
+        "ceilings": ceilings(test),
         "curve": curve,
         "budgets": budgets,
     }
@@ -493,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         results.append(res)
         reports[res["label"]] = res["calibration_test"]
         md.append(f"## {res['label']} (validation {res['validation']}, test {res['test']})\n\n" + markdown(res["rows"]))
+        md.append("Ceilings on the test slice (upper bounds, not policies: no exit rule deciding from these probes "
+                  "nets more than the hindsight gate on its schedule; the one-probe row needs a free signal that knows "
+                  "when to probe):\n\n" + markdown(res["ceilings"]))
         if res["budgets"]["pairs"]:
             md.append("Budgets at equal mean tokens (cut at a probe point, answer read by the probe: the live "
                       "budget-probe and signal policies; net tokens include those taken back at a cut; test slice):\n\n"

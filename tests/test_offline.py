@@ -213,3 +213,33 @@ def test_no_probes_is_chosen_when_probing_never_pays():
     res = offline.analyse(recs, 20, label="no-pay")
     off = [r for r in res["rows"] if ": off" in r["policy"]]
     assert len(off) == 3 and all(r["saved_net"] == 0 and r["probe_tokens"] == 0 for r in off)
+
+
+def test_ceilings_bound_every_rule_on_the_same_probes():
+    """The hindsight gate exits at the first probe with the run's own final answer and pays every
+    probe before it; the one-probe ceiling pays only that probe. Worked by hand on two records."""
+    recs = [
+        # final answer 7 first given at 150: probes at 40 and 90 are paid before it
+        _rec(0, [[40, "3", 0.99, 6, True], [90, "5", 0.9, 6, True], [150, "7", 0.95, 6, True]], 200),
+        # wrong run (final answer 1), first given at 60 of 100
+        _rec(1, [[60, "1", 0.5, 4, True]], 100, correct=False),
+    ]
+    rows = {r["policy"]: r for r in offline.ceilings(recs, gaps=(0, 100))}
+    every = rows["ceiling: hindsight gate, gap 0"]
+    assert every["accuracy"] == 0.5 and every["delta_vs_unlimited"] == 0
+    assert every["thinking_tokens"] == (150 + 60) / 2 and every["probe_tokens"] == (18 + 4) / 2
+    # base 300 thinking tokens; bound (200-150)+(100-60) = 90; net (300 - 210 - 22) / 300
+    assert every["saved_net"] == pytest.approx(68 / 300) and every["share_of_bound"] == pytest.approx(68 / 90)
+    spaced = rows["ceiling: hindsight gate, gap 100"]  # probes at 40 and 150 for the first record
+    assert spaced["probe_tokens"] == (12 + 4) / 2 and spaced["thinking_tokens"] == (150 + 60) / 2
+    once = rows["ceiling: one probe, at the oracle point"]
+    assert once["probe_tokens"] == (6 + 4) / 2 and once["saved_net"] == pytest.approx((90 - 10) / 300)
+    # no rule replayed on these probes saves more, net, than the hindsight gate on the same schedule
+    for t in (0.0, 0.5, 0.9, 0.95):
+        assert offline.summarize(recs, offline.confidence_rule(t), "c")["saved_net"] <= every["saved_net"] + 1e-12 or \
+            offline.summarize(recs, offline.confidence_rule(t), "c")["accuracy"] < every["accuracy"]
+    # a probe that never gives the final answer: the run is unlimited in every ceiling
+    never = _rec(2, [[50, "3", 0.9, 6, True]], 80)
+    for row in offline.ceilings([never], gaps=(0,)):
+        assert row["thinking_tokens"] == 80 and row["saved_net"] <= 0
+    assert "ceiling: one probe" in offline.markdown(offline.ceilings(recs, gaps=(0,)))
