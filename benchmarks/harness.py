@@ -181,9 +181,13 @@ def run_item(rt, item: Item, policy: Policy, params: SamplingParams, predictor=N
         rec["oracle_point"] = first if first is not None else s.thinking_tokens
         rec["oracle_savings"] = s.thinking_tokens - rec["oracle_point"]
         # every probe, so early exit at any threshold or gate can be replayed offline (under
-        # greedy decoding the trace up to an exit is this trace): [at, answer, confidence, cost, finished]
-        rec["trials"] = [[t["at"], t["answer"], round(t["confidence"], 6), t.get("cost", 0), bool(t.get("finished", True))] for t in trials]
-        rec["reasoning_tail"] = reply.reasoning[-300:]
+        # greedy decoding the trace up to an exit is this trace): [at, answer, confidence, cost,
+        # finished, chars, stream] (chars: thinking text before the probe, a prefix of
+        # "reasoning"; stream: mean probability of the last thinking tokens), so rules that read
+        # the text or the stream replay too
+        rec["trials"] = [[t["at"], t["answer"], round(t["confidence"], 6), t.get("cost", 0), bool(t.get("finished", True)),
+                          t.get("chars"), t.get("stream")] for t in trials]
+        rec["reasoning"] = reply.reasoning
     return rec
 
 

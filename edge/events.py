@@ -88,7 +88,9 @@ class Retracted(ControlEvent):
 @dataclass(frozen=True)
 class Probe(ControlEvent):
     """An early-exit trial: at ``at`` thinking tokens the model's trial ``answer`` had this
-    ``confidence``; ``finished`` if it closed within the probe, which cost ``cost`` tokens."""
+    ``confidence``; ``finished`` if it closed within the probe, which cost ``cost`` tokens.
+    ``chars``: the length of the thinking text then; ``stream``: the mean probability of the
+    last thinking tokens before it, when the controller keeps them (its gate, or an oracle)."""
 
     kind: ClassVar[str] = "probe"
     at: int
@@ -96,6 +98,8 @@ class Probe(ControlEvent):
     confidence: float
     finished: bool
     cost: int
+    chars: int | None = None
+    stream: float | None = None
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,8 @@ def test_evaluation_resumes_from_its_journal(tmp_path):
     first = harness.evaluate(rt, items, pols, params, journal=journal, settings=settings)
     assert len(first) == 8 and all(r["correct"] for r in first)
     oracle = [r for r in first if r["policy"] == "oracle"][0]
-    assert oracle["trials"] and all(len(t) == 5 for t in oracle["trials"])  # at, answer, confidence, cost, finished
+    assert oracle["trials"] and all(len(t) == 7 for t in oracle["trials"])  # at, answer, confidence, cost, finished, chars, stream
+    assert all(0 < t[5] <= len(oracle["reasoning"]) and 0.0 < t[6] <= 1.0 for t in oracle["trials"])
     # killed after three records, in the middle of writing the fourth
     lines = journal.read_text().splitlines()
     journal.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])

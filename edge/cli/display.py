@@ -52,7 +52,7 @@ class StreamPrinter:
             self._close_thinking(ev.seconds, ev.tokens)
         elif isinstance(ev, ControlEvent):
             if not self.hide_thinking:
-                detail = ", ".join(f"{k}={v}" for k, v in ev.detail.items() if not isinstance(v, (list, dict)))
+                detail = ", ".join(f"{k}={v}" for k, v in ev.detail.items() if v is not None and not isinstance(v, (list, dict)))
                 self._err(f"\n[{ev.kind}{': ' + detail if detail else ''}]\n")
         elif isinstance(ev, Done):
             self._close_thinking(ev.stats.thinking_seconds, ev.stats.thinking_tokens)

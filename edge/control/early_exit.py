@@ -196,7 +196,8 @@ class AnswerProbe:
     max_tokens: int = 16
     confidence: str = "mean"
 
-    def read(self, gen) -> tuple[dict, str]:
+    def read(self, gen, *, stream: float | None = None) -> tuple[dict, str]:
+        chars = len(gen.thinking_text)
         res = gen.probe(self.inducer, max_tokens=self.max_tokens, stop=self.answer_stop)
         trial = {
             "at": gen.thinking_tokens,
@@ -204,6 +205,8 @@ class AnswerProbe:
             "confidence": res.confidence(self.confidence),
             "finished": res.finished,
             "cost": res.cost,
+            "chars": chars,
+            "stream": stream,
         }
         gen.emit(Probe(**trial))
         return trial, self.inducer + res.text
@@ -319,8 +322,8 @@ class EarlyExit(Controller):
         # This runs at every thinking token, so it is written for speed: the cheap tests (the
         # probe schedule) come first; the outcome is that of StepPoints.starts_step plus the gate.
         token, thinking = sampled.token, gen.parser.thinking
-        if thinking and self.gate > 0:
-            # the gate keeps the logits and normalizes them only when read
+        if thinking and (self.gate > 0 or self.record_only):
+            # the gate (and the oracle's record) keeps the logits and normalizes them only when read
             self._recent.append((gen.logits, token, len(gen.generated)))
         if not thinking or gen.pending_bytes or len(self.trials) >= self.max_probes:
             return None
@@ -336,7 +339,8 @@ class EarlyExit(Controller):
     def probe_step(self, gen) -> Action | None:
         """Probe now: record the trial, and return the exit action when :meth:`decide` says
         the answer is settled (subclasses that choose their own probe points call this)."""
-        trial, text = self.prober.read(gen)
+        stream = round(self.stream_confidence(gen), 6) if self.gate > 0 or self.record_only else None
+        trial, text = self.prober.read(gen, stream=stream)
         self._last_probe_at = gen.thinking_tokens
         self.trials.append(trial)
         if self.record_only or not self.decide():
