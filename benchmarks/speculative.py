@@ -17,7 +17,10 @@ r1`` an instruct model reasons in <think>), ``free`` (free-text prompts: stories
 
     python -m edge.benchmarks.speculative [--model M.gguf] [--task tiny-r1|gsm8k|free] [--items 8]
         [--max-tokens 256] [--repeats 1] [--threads 2] [--reasoning-prompt r1] [--mode auto|on]
-        [--remeasure] [--careful-curve 9] [--out result.json]
+        [--remeasure] [--careful-curve 9] [--assume-cost flat] [--out result.json]
+
+``--assume-cost flat`` drafts as if a batch cost what one token does (GPUs, Apple Silicon: decode
+bound by memory bandwidth): its tokens per model step are what speculation buys there.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from edge.errors import ConfigError
 from edge.files import atomic_write
 
 FREE_PROMPTS = (
@@ -59,7 +63,7 @@ def _summary(xs: list[float]) -> dict:
 
 def run_speculative(model: str | None = None, *, task: str = "tiny-r1", items: int = 8, max_tokens: int = 256,
                     repeats: int = 1, threads: int = 2, reasoning_prompt: str | None = None, mode: str = "auto",
-                    remeasure: bool = False, careful_curve: int = 0) -> dict:
+                    remeasure: bool = False, careful_curve: int = 0, assume_cost: tuple[float, ...] | None = None) -> dict:
     from edge.params import SamplingParams
     from edge.runtime import Runtime
     from edge.speculative import measure_batch_cost, relative_cost
@@ -72,6 +76,13 @@ def run_speculative(model: str | None = None, *, task: str = "tiny-r1", items: i
         curve = rt.batch_cost(refresh=remeasure)
         careful = measure_batch_cost(b, repeats=careful_curve) if careful_curve else None
         b.reset()
+        if assume_cost is not None:
+            # draft as a machine with this batch-cost curve would (flat: where a small batch costs
+            # what one token does); tokens per model step then say what drafting buys there,
+            # while the speed-up is still this machine's
+            from edge.speculative import SpeculativeConfig
+
+            rt.speculation = SpeculativeConfig(cost=assume_cost)
         decision = str(rt.plan_speculation(spec_mode))
         plain = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
         pairs = []
@@ -103,6 +114,7 @@ def run_speculative(model: str | None = None, *, task: str = "tiny-r1", items: i
         "suite": "speculative", "model": name, "task": task, "items": items, "max_tokens": max_tokens,
         "repeats": repeats, "threads": threads, "reasoning_prompt": reasoning_prompt, "mode": mode,
         "decision": decision,
+        "assumed_cost": list(assume_cost) if assume_cost is not None else None,
         "batch_cost": {"cost": list(curve.cost), "settled": curve.settled, "measured_now": curve.measured, "took_s": curve.took,
                        "when": curve.when,
                        "cache": str(curve.path) if curve.path else None,
@@ -136,11 +148,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="auto", choices=("auto", "on"), help="speculation compared with --no-speculate")
     ap.add_argument("--remeasure", action="store_true", help="measure the cached batch-cost curve again first")
     ap.add_argument("--careful-curve", type=int, default=0, metavar="N", help="also measure the long curve, N rounds")
+    ap.add_argument("--assume-cost", default=None, metavar="flat|C2,C3,...",
+                    help="draft for this batch-cost curve instead of the measured one (flat: a batch of k costs one "
+                         "token; else the cost of 2, 3, ... tokens relative to one); implies --mode on")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
+    assume = None
+    if a.assume_cost is not None:
+        try:
+            assume = (1.0,) * 9 if a.assume_cost == "flat" else (1.0, *(float(x) for x in a.assume_cost.split(",")))
+            from edge.speculative import SpeculativeConfig
+
+            SpeculativeConfig(cost=assume)
+        except (ValueError, ConfigError) as exc:
+            ap.error(f"--assume-cost: {exc}")
+        a.mode = "on"
     res = run_speculative(a.model, task=a.task, items=a.items, max_tokens=a.max_tokens, repeats=a.repeats,
                           threads=a.threads, reasoning_prompt=a.reasoning_prompt, mode=a.mode, remeasure=a.remeasure,
-                          careful_curve=a.careful_curve)
+                          careful_curve=a.careful_curve, assume_cost=assume)
     text = json.dumps(res, indent=2)
     if a.out:
         atomic_write(a.out, text)
@@ -149,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{res['model']} {res['task']} ({res['mode']}: {res['decision']}): speed-up {sp['median']:.2f}x "
           f"[{sp['min']:.2f}-{sp['max']:.2f}], {res['tokens_per_step']:.2f} tokens/step, acceptance {res['acceptance'] or 0:.2f} "
           f"of {res['drafted']} drafted, same tokens {res['same_tokens']}/{len(res['pairs'])}; batch cost "
-          + " ".join(f"{k}:{v:.2f}" for k, v in enumerate(res["batch_cost"]["cost"], 1)), file=sys.stderr)
+          + " ".join(f"{k}:{v:.2f}" for k, v in enumerate(res["batch_cost"]["cost"], 1))
+          + (" (drafted for the assumed curve " + " ".join(f"{v:g}" for v in res["assumed_cost"]) + ")" if res["assumed_cost"] else ""),
+          file=sys.stderr)
     return 0
 
 
