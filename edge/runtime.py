@@ -223,6 +223,7 @@ class Runtime:
         self.speculation = None
         self._cost_curve = None  # the measured curve, once known
         self._no_cost_curve = None  # or why it could not be measured
+        self._exact_batch = None  # the largest batch computed exactly as one-token steps, once measured
         self._closed = False
 
     # -- prompts -------------------------------------------------------------------------------
@@ -390,23 +391,34 @@ class Runtime:
 
     def _plan_speculation(self, mode: bool | None) -> "Speculation":
         from edge.errors import BackendError
-        from edge.speculative import DISABLED, Speculation, SpeculativeConfig, batch_cost_curve, batch_verify, decide
+        from edge.speculative import DISABLED, Speculation, SpeculativeConfig, batch_cost_curve, batch_verify, decide, exact_batch_cached
 
         if mode is False:
             return DISABLED
         if self.speculation is not None:
-            return decide(mode, self.backend, self.speculation, source="given")
-        if not batch_verify(self.backend):
+            config, how = self.speculation, {"source": "given"}
+        elif not batch_verify(self.backend):
             return decide(mode, self.backend, None)
-        if self._cost_curve is None and self._no_cost_curve is None:
+        else:
+            if self._cost_curve is None and self._no_cost_curve is None:
+                try:
+                    self._cost_curve = batch_cost_curve(self.backend)
+                except BackendError as exc:  # e.g. a context too small to measure in
+                    self._no_cost_curve = f"the batch cost could not be measured ({exc})"
+            if self._cost_curve is None:
+                return decide(mode, self.backend, None) if mode else Speculation(None, self._no_cost_curve)
+            config, how = SpeculativeConfig(cost=self._cost_curve.cost), {"source": "measured", "settled": self._cost_curve.settled}
+        plan = decide(mode, self.backend, config, **how)
+        if not plan.on or not batch_verify(self.backend):
+            return plan
+        # speculating: keep it token-exact (measured once per machine and settings, and only when
+        # speculating: a few dozen model steps that empty the cache)
+        if self._exact_batch is None:
             try:
-                self._cost_curve = batch_cost_curve(self.backend)
-            except BackendError as exc:  # e.g. a context too small to measure in
-                self._no_cost_curve = f"the batch cost could not be measured ({exc})"
-        if self._cost_curve is None:
-            return decide(mode, self.backend, None) if mode else Speculation(None, self._no_cost_curve)
-        return decide(mode, self.backend, SpeculativeConfig(cost=self._cost_curve.cost), source="measured",
-                      settled=self._cost_curve.settled)
+                self._exact_batch = exact_batch_cached(self.backend)
+            except BackendError:
+                self._exact_batch = 1  # not known to be exact
+        return decide(mode, self.backend, config, exact=self._exact_batch, **how)
 
     def _acquire(self, cancel: threading.Event | None) -> bool:
         """Take the runtime lock, or give up (False) as soon as ``cancel`` is set while waiting:

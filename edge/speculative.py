@@ -402,6 +402,98 @@ def relative_cost(times: dict[int, list[float]], stat: Callable[[list[float]], f
     return tuple(out)
 
 
+# -- which drafts keep the output exact -------------------------------------------------------------
+
+EXACT_LIMIT = 9
+"""The largest batch :func:`exact_batch` checks: a draft of ``max_draft`` (8) tokens and the token
+before it."""
+EXACT_TEXT = ("The quick brown fox jumps over the lazy dog. Then the dog chased the fox around the yard "
+              "twice, and both of them lay down in the shade of the old oak tree to rest until the evening.")
+
+
+EXACT_DEPTHS = (16, 128, 320)
+"""Context lengths at which :func:`exact_batch` compares rows: without flash attention llama.cpp's
+attention of a batch changes its summation with the number of cached tokens."""
+
+
+def exact_batch(backend, *, limit: int = EXACT_LIMIT, depths: Sequence[int] = EXACT_DEPTHS) -> int:
+    """The largest batch size k (1 .. ``limit``) for which ``backend.score`` computes every row
+    bit for bit as k one-token steps would, for each size 2 .. k, after each of ``depths``
+    cached tokens (those that fit the context).
+
+    Greedy speculation gives the very tokens of plain decoding only if a verified row equals the
+    one-token row: a near tie decided by a different rounding changes the trace. llama.cpp
+    computes some batches with other kernels than a single token: measured on this x86 CPU,
+    the repacked K-quant weights round batches of 4 or more differently (Qwen2.5-Coder 0.5B and
+    1.5B Q4_K_M: exact up to 3 with flash attention, at 25, 300 and 700 cached tokens), and
+    without flash attention the attention of a batch sums in an order that depends on the
+    context length (SmolLM2 Q4_1: exact up to 2-4 after 8-16 tokens, not even 2 after 31 or
+    more), hence several depths. Empties the backend's cache."""
+    if getattr(backend, "score", None) is None:
+        return 1
+    unit = backend.tokenize(EXACT_TEXT)
+    fits = sorted(d for d in depths if d + limit < backend.n_ctx)
+    if not unit or not fits:
+        return 1
+    text = (unit * (1 + (max(fits) + limit) // len(unit)))[: max(fits) + limit]
+    best = limit
+    try:
+        backend.rollback(0)
+        for depth in fits:  # ascending: each extends the cached text of the one before
+            backend.eval(text[backend.n_past : depth])
+            one = np.stack([backend.eval([t]) for t in text[depth : depth + best]])  # the one-token rows
+            backend.rollback(depth)
+            ok = 1
+            for k in range(2, best + 1):
+                rows = backend.score(text[depth : depth + k])
+                backend.rollback(depth)
+                if not np.array_equal(rows, one[:k]):
+                    break
+                ok = k
+            best = ok
+            if best == 1:
+                break
+    finally:
+        backend.rollback(0)
+    return best
+
+
+def exact_batch_cached(backend) -> int:
+    """:func:`exact_batch`, kept beside the batch-cost curve (same key: model file, engine,
+    settings, threads, CPU) so it is measured once per machine and settings."""
+    from edge.files import atomic_write
+
+    key = curve_key(backend)
+    path = curve_path(key).with_name(curve_path(key).stem + "-exact.json") if key is not None else None
+    if path is not None:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("key") == key and isinstance(doc.get("exact"), int) and 1 <= doc["exact"] <= EXACT_LIMIT:
+                return doc["exact"]
+        except (OSError, ValueError, AttributeError):
+            pass  # none yet, or unreadable: measured again and replaced
+    t0 = time.perf_counter()
+    exact = exact_batch(backend)
+    took = time.perf_counter() - t0
+    log.info("speculative decoding: batches of up to %d token%s are computed exactly as one-token steps for %s "
+             "(measured in %.1f s, once)", exact, "s" if exact != 1 else "", Path(backend.info.model_path or "").name or backend.info.name, took)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps({"key": key, "exact": exact, "took": round(took, 3)}, indent=1) + "\n")
+        except OSError as exc:
+            log.warning("could not cache the exact batch size in %s (%s)", path, exc)
+    return exact
+
+
+def exact_config(config: SpeculativeConfig, exact: int) -> SpeculativeConfig:
+    """``config`` with drafts short enough that a verify batch (the token and its draft) has at
+    most ``exact`` rows (``exact >= 2``)."""
+    from dataclasses import replace
+
+    return config if config.max_draft <= exact - 1 else replace(config, max_draft=exact - 1)
+
+
 # -- when to speculate ----------------------------------------------------------------------------
 
 def break_even(config: SpeculativeConfig) -> float | None:
@@ -438,7 +530,8 @@ def batch_verify(backend) -> bool:
     return bool(getattr(backend, "batch_verify", False)) and getattr(backend, "score", None) is not None
 
 
-def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, source: str = "", settled: bool = True) -> Speculation:
+def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, source: str = "", settled: bool = True,
+           exact: int | None = None) -> Speculation:
     """Speculation for a generation whose ``SamplingParams.speculate`` is ``mode`` on ``backend``:
 
     - ``False``: off;
@@ -450,9 +543,27 @@ def decide(mode: bool | None, backend, config: SpeculativeConfig | None, *, sour
       draft length pays at the acceptance rate drafts start from (``config.prior``: where they
       do not pay even there, speculating would only try a short draft now and then, gain
       nothing and still evaluate rows in batches), measured on a machine quiet enough to tell
-      (``settled``)."""
+      (``settled``).
+
+    ``exact`` (:func:`exact_batch`, None: not measured) keeps speculation token-exact: drafts
+    are cut so that no verify batch is larger than the largest exact one; where not even a batch
+    of 2 is exact, auto stays off and ``True`` speculates anyway, saying it is not exact."""
     if mode is False:
         return DISABLED
+    if exact is not None and mode and config is None:
+        config = SpeculativeConfig()  # requested without a curve: the defaults, cut to exact drafts too
+    if exact is not None and config is not None and batch_verify(backend):
+        if exact >= 2:
+            plan = decide(mode, backend, exact_config(config, exact), source=source, settled=settled)
+            if plan.on and exact - 1 < config.max_draft:
+                reason = f"{plan.reason}; drafts of at most {exact - 1} token{'s' if exact > 2 else ''} (batches of more than {exact} are not computed exactly as one-token steps here)"
+                return Speculation(plan.config, reason)
+            return plan
+        inexact = ("a batch of 2 tokens is not computed exactly as two one-token steps here (llama.cpp without flash "
+                   "attention, or this build's batch kernels), so drafts could change the greedy output")
+        if not mode:
+            return Speculation(None, inexact)
+        return Speculation(config, f"requested, not token-exact: {inexact}")
     if mode:
         if not batch_verify(backend):
             return Speculation(config or SpeculativeConfig(), f"requested (the {backend.info.name} backend has no cheap batched "

@@ -226,7 +226,7 @@ def test_runtime_stats_say_whether_it_speculated_and_why(smollm2, tmp_path, monk
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     count = Counting(monkeypatch)
-    with Runtime(str(smollm2), n_ctx=512, threads=1) as rt:
+    with Runtime(str(smollm2), n_ctx=512, threads=1, flash_attn=True) as rt:  # exact batches (see below)
         pin_curve(rt.backend, FLAT)
         s = rt.ask(PROMPT, GREEDY).stats
         assert s.speculation == "on: auto: the measured batch-cost curve pays above acceptance 0.01"
@@ -239,7 +239,7 @@ def test_runtime_stats_say_whether_it_speculated_and_why(smollm2, tmp_path, monk
         pin_curve(rt.backend, FLAT, settled=False)
         s = rt.ask(PROMPT, GREEDY.with_(max_tokens=8)).stats
         assert s.speculation.startswith("off: the measured batch-cost curve is uncertain") and s.model_steps == 0
-    with Runtime(str(smollm2), n_ctx=512, threads=1) as rt:
+    with Runtime(str(smollm2), n_ctx=512, threads=1, flash_attn=True) as rt:
         pin_curve(rt.backend, LINEAR)
         s = rt.ask(PROMPT, GREEDY).stats
         assert s.speculation.startswith("off: the measured batch-cost curve never pays (a batch of 2 tokens costs 2.00x one")
@@ -251,19 +251,94 @@ def test_runtime_stats_say_whether_it_speculated_and_why(smollm2, tmp_path, monk
     assert count.calls == 0  # pinned: nothing was measured
 
 
-def test_a_given_config_replaces_the_measured_curve(smollm2_runtime, monkeypatch):
+def test_a_given_config_replaces_the_measured_curve(smollm2, monkeypatch):
+    from edge.runtime import Runtime
+
     count = Counting(monkeypatch)
-    rt = smollm2_runtime
-    saved = rt.speculation
-    try:
+    with Runtime(str(smollm2), n_ctx=512, threads=1, flash_attn=True) as rt:
         rt.speculation = SpeculativeConfig(cost=FLAT)
         assert str(rt.plan_speculation()) == "on: auto: the given batch-cost curve pays above acceptance 0.01"
         rt.speculation = SpeculativeConfig(cost=LINEAR)
         assert not rt.plan_speculation().on and rt.plan_speculation(True).on
         assert rt.plan_speculation(False) is DISABLED
-    finally:
-        rt.speculation = saved
     assert count.calls == 0
+
+
+# -- token-exact: drafts no longer than the batches llama.cpp computes as one-token steps ------------
+
+def test_exact_batch_is_measured_on_real_models(smollm2, tmp_path, monkeypatch):
+    """tiny-r1 (Q8_0) and SmolLM2 with flash attention compute batches of up to 9 rows exactly as
+    one-token steps; SmolLM2 without it, in a context of 1,024, does not even for 2 once some
+    context is cached (the attention of a batch then sums in another order; in a context of 512
+    it happens to be exact): measured, at several depths, on the backend as configured."""
+    from edge.backends.llamacpp import LlamaCppBackend
+    from edge.model_ref import default_model
+    from edge.speculative import EXACT_LIMIT, exact_batch
+
+    for path, fa, want in ((default_model(), False, EXACT_LIMIT), (smollm2, True, EXACT_LIMIT), (smollm2, False, 1)):
+        b = LlamaCppBackend(path, n_ctx=1024, threads=1, flash_attn=fa)
+        try:
+            b.eval(b.tokenize("Some cached text."))
+            assert exact_batch(b) == want, (path, fa)
+            assert b.n_past == 0  # the measurement leaves the cache empty
+            if want == 1:  # after 16 cached tokens alone a batch of 4 still looks exact: depth matters
+                assert exact_batch(b, depths=(16,)) >= 2
+        finally:
+            b.close()
+    # no depth fits the context: not known to be exact
+    b = LlamaCppBackend(smollm2, n_ctx=256, threads=1, flash_attn=True)
+    try:
+        assert exact_batch(b, depths=(250,)) == 1 and exact_batch(b, depths=(200,)) == EXACT_LIMIT
+    finally:
+        b.close()
+
+
+def test_decide_cuts_drafts_to_the_exact_batch():
+    llama = Bare("llama.cpp", True)
+    flat = SpeculativeConfig(cost=FLAT)
+    full = decide(None, llama, flat, source="measured", exact=9)
+    assert full.config.max_draft == 8 and str(full) == "on: auto: the measured batch-cost curve pays above acceptance 0.01"
+    cut = decide(None, llama, flat, source="measured", exact=3)
+    assert cut.config.max_draft == 2 and str(cut).endswith(
+        "; drafts of at most 2 tokens (batches of more than 3 are not computed exactly as one-token steps here)")
+    assert decide(True, llama, flat, exact=2).config.max_draft == 1
+    inexact = decide(None, llama, flat, source="measured", exact=1)
+    assert not inexact.on and "not computed exactly as two one-token steps" in str(inexact)
+    forced = decide(True, llama, flat, exact=1)
+    assert forced.on and forced.config.max_draft == 8 and str(forced).startswith("on: requested, not token-exact: ")
+    assert decide(False, llama, flat, exact=9) is DISABLED
+    assert decide(True, llama, None, exact=3).config.max_draft == 2  # requested without a curve: the defaults, cut
+    assert not decide(None, llama, SpeculativeConfig(cost=LINEAR), source="measured", exact=9).on  # the curve still decides
+
+
+def test_runtime_keeps_speculation_exact_and_measures_once(smollm2, tmp_path, monkeypatch):
+    """SmolLM2 without flash attention (context 1,024): auto does not speculate (even with a flat curve) because
+    drafts could change the output, and says so; --speculate still does, saying it is not exact.
+    The exact batch size is measured once per machine and settings, cached beside the curve, and
+    only when a call would speculate."""
+    import edge.speculative as spec
+    from edge.runtime import Runtime
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    calls = []
+    real = spec.exact_batch
+    monkeypatch.setattr(spec, "exact_batch", lambda b, **kw: calls.append(1) or real(b, **kw))
+    with Runtime(str(smollm2), n_ctx=1024, threads=1) as rt:
+        pin_curve(rt.backend, LINEAR)
+        assert rt.ask(PROMPT, GREEDY.with_(max_tokens=8)).stats.speculation.startswith("off: the measured batch-cost curve never")
+        assert calls == []  # auto is off: nothing measured
+        pin_curve(rt.backend, FLAT)
+        rt._cost_curve = None
+        s = rt.ask(PROMPT, GREEDY.with_(max_tokens=16)).stats
+        assert s.speculation.startswith("off: a batch of 2 tokens is not computed exactly") and s.model_steps == 0
+        forced = rt.ask(PROMPT, GREEDY.with_(max_tokens=16, speculate=True)).stats
+        assert forced.speculation.startswith("on: requested, not token-exact") and forced.model_steps > 0
+    assert calls == [1]
+    cached = [p for p in (tmp_path / "batch-cost").iterdir() if p.name.endswith("-exact.json")]
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["exact"] == 1
+    with Runtime(str(smollm2), n_ctx=1024, threads=1) as rt:
+        assert rt.ask(PROMPT, GREEDY.with_(max_tokens=8)).stats.speculation.startswith("off: a batch of 2 tokens")
+    assert calls == [1]  # read from the cache
 
 
 # -- through the CLI ---------------------------------------------------------------------------------
