@@ -80,7 +80,7 @@ def _threads_help() -> str:
 
 LOCAL_OPTIONS = ("n_ctx", "ctx_beyond_training", "threads", "device")
 BACKEND_OPTIONS: dict[str, tuple[str, ...]] = {
-    "llamacpp": (*LOCAL_OPTIONS, "gpu_layers", "kv_cache"),
+    "llamacpp": (*LOCAL_OPTIONS, "gpu_layers", "kv_cache", "flash_attn"),
     "onnx": LOCAL_OPTIONS,
     "remote": ("n_ctx", "timeout"),  # the model reference is the server's URL, passed as given
 }
@@ -112,6 +112,10 @@ class ModelSpec:
              "on CPUs it decodes slower at depth: 0.62x f16 at 8k tokens on 2 AVX2 cores), "
              "q4_0 quarters it but breaks Qwen2.5-family models (R1-Distill-Qwen included: 7% agreement); "
              "both turn flash attention on."))
+    flash_attn: bool | None = field(default=None, metadata=offered(
+        "--flash-attn/--no-flash-attn",
+        help="Flash attention (llama.cpp; default: on only with a quantized --kv-cache, which needs it). With it llama.cpp "
+             "computes small batches exactly as one-token steps, so speculation can draft and stay token-exact."))
     ctx_beyond_training: bool = field(default=False, metadata=offered(
         "--ctx-beyond-training", help="Allow a --ctx above the model's trained length (its output degrades there)."))
     threads: int | None = field(default=None, metadata=offered("--threads", help=_threads_help))
@@ -136,6 +140,8 @@ class ModelSpec:
             raise ConfigError("--timeout applies to --backend remote only", param="timeout")
         if self.backend != "llamacpp" and (str(self.kv_cache).lower() != "f16" or self.n_ctx == "auto"):
             raise ConfigError("--kv-cache and --ctx auto apply to --backend llamacpp only", param="kv_cache")
+        if self.backend != "llamacpp" and self.flash_attn is not None:
+            raise ConfigError("--flash-attn applies to --backend llamacpp only", param="flash_attn")
 
     @classmethod
     def of(cls, model: Any = None, **kw: Any) -> "ModelSpec":

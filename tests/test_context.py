@@ -303,11 +303,23 @@ def test_cli_ctx_auto_and_kv_cache_print_the_estimate_once_and_report_them(cli, 
     assert plain.returncode == 0 and "needs ~" not in plain.stderr  # no estimate line unless asked for
 
 
+def test_cli_flash_attn_reaches_the_backend(cli, smollm2):
+    import json
+
+    for flag, want in (("--flash-attn", True), ("--no-flash-attn", False), (None, False)):
+        r = cli("run", "Say hi.", "-m", str(smollm2), "--threads", "1", "--max-tokens", "2", "--temp", "0", "--json",
+                "--ctx", "512", *([flag] if flag else []))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["stats"]["backend"]["extra"]["flash_attn"] is want, flag
+
+
 @pytest.mark.parametrize("args,needle", [
     (("--kv-cache", "q5"), "unknown KV cache type 'q5'; choose one of: f16, q8_0, q4_0"),
     (("--ctx", "big"), "--ctx takes a number of tokens or 'auto', got 'big'"),
     (("--ctx", "auto", "--backend", "onnx"), "--kv-cache and --ctx auto apply to --backend llamacpp only"),
     (("--kv-cache", "q4_0", "--backend", "onnx"), "--kv-cache and --ctx auto apply to --backend llamacpp only"),
+    (("--flash-attn", "--backend", "onnx"), "--flash-attn applies to --backend llamacpp only"),
+    (("--no-flash-attn", "--kv-cache", "q8_0"), "a q8_0 KV cache needs flash attention"),
 ])
 def test_cli_bad_kv_cache_or_ctx_is_one_line(cli, smollm2, args, needle):
     _one_line_error(cli("run", "hi", "-m", str(smollm2), "--threads", "1", *args), needle)
