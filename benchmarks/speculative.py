@@ -17,7 +17,7 @@ r1`` an instruct model reasons in <think>), ``free`` (free-text prompts: stories
 
     python -m edge.benchmarks.speculative [--model M.gguf] [--task tiny-r1|gsm8k|free] [--items 8]
         [--max-tokens 256] [--repeats 1] [--threads 2] [--reasoning-prompt r1] [--mode auto|on]
-        [--remeasure] [--careful-curve 9] [--assume-cost flat] [--out result.json]
+        [--remeasure] [--careful-curve 9] [--assume-cost flat] [--flash-attn] [--out result.json]
 
 ``--assume-cost flat`` drafts as if a batch cost what one token does (GPUs, Apple Silicon: decode
 bound by memory bandwidth): its tokens per model step are what speculation buys there.
@@ -63,7 +63,8 @@ def _summary(xs: list[float]) -> dict:
 
 def run_speculative(model: str | None = None, *, task: str = "tiny-r1", items: int = 8, max_tokens: int = 256,
                     repeats: int = 1, threads: int = 2, reasoning_prompt: str | None = None, mode: str = "auto",
-                    remeasure: bool = False, careful_curve: int = 0, assume_cost: tuple[float, ...] | None = None) -> dict:
+                    remeasure: bool = False, careful_curve: int = 0, assume_cost: tuple[float, ...] | None = None,
+                    flash_attn: bool | None = None) -> dict:
     from edge.params import SamplingParams
     from edge.runtime import Runtime
     from edge.speculative import measure_batch_cost, relative_cost
@@ -71,7 +72,7 @@ def run_speculative(model: str | None = None, *, task: str = "tiny-r1", items: i
     if mode not in ("auto", "on"):
         raise ValueError(f"mode must be auto or on, got {mode!r}")
     spec_mode = None if mode == "auto" else True
-    with Runtime(model, threads=threads, device="cpu", reasoning_prompt=reasoning_prompt) as rt:
+    with Runtime(model, threads=threads, device="cpu", reasoning_prompt=reasoning_prompt, flash_attn=flash_attn) as rt:
         b = rt.backend
         curve = rt.batch_cost(refresh=remeasure)
         careful = measure_batch_cost(b, repeats=careful_curve) if careful_curve else None
@@ -115,6 +116,7 @@ def run_speculative(model: str | None = None, *, task: str = "tiny-r1", items: i
         "repeats": repeats, "threads": threads, "reasoning_prompt": reasoning_prompt, "mode": mode,
         "decision": decision,
         "assumed_cost": list(assume_cost) if assume_cost is not None else None,
+        "flash_attn": flash_attn,
         "batch_cost": {"cost": list(curve.cost), "settled": curve.settled, "measured_now": curve.measured, "took_s": curve.took,
                        "when": curve.when,
                        "cache": str(curve.path) if curve.path else None,
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--assume-cost", default=None, metavar="flat|C2,C3,...",
                     help="draft for this batch-cost curve instead of the measured one (flat: a batch of k costs one "
                          "token; else the cost of 2, 3, ... tokens relative to one); implies --mode on")
+    ap.add_argument("--flash-attn", action="store_true", default=None,
+                    help="flash attention on (llama.cpp then computes small batches exactly as one-token steps)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     assume = None
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         a.mode = "on"
     res = run_speculative(a.model, task=a.task, items=a.items, max_tokens=a.max_tokens, repeats=a.repeats,
                           threads=a.threads, reasoning_prompt=a.reasoning_prompt, mode=a.mode, remeasure=a.remeasure,
-                          careful_curve=a.careful_curve, assume_cost=assume)
+                          careful_curve=a.careful_curve, assume_cost=assume, flash_attn=a.flash_attn)
     text = json.dumps(res, indent=2)
     if a.out:
         atomic_write(a.out, text)
