@@ -65,16 +65,24 @@ def oracle_point(rec: dict) -> int:
     return rec["thinking_tokens"]
 
 
-def replay(rec: dict, rule: Rule | None, *, min_gap: int = 0) -> dict:
+def replay(rec: dict, rule: Rule | None, *, min_gap: int = 0, gate: float = 0.0, min_thinking: int = 0) -> dict:
     """What a live early exit with ``rule`` would have done on this trace; ``min_gap`` skips
     probe points closer than that many thinking tokens to the last probe taken (as
-    ``EarlyExit(min_gap=...)`` does), so cheaper probe schedules replay from the same run."""
+    ``EarlyExit(min_gap=...)`` does), and ``gate`` those where the stream confidence recorded
+    before the probe is below it (``EarlyExit(gate=...)``, same window), so cheaper probe
+    schedules replay from the same run; ``min_thinking`` skips those before that many thinking
+    tokens (``EarlyExit(min_thinking=...)``)."""
     probes: list[Trial] = []
     cost = 0
     last_at = -(10**9)
     for t in trials_of(rec) if rule is not None else []:
-        if t["at"] - last_at < min_gap:
+        if t["at"] < min_thinking or t["at"] - last_at < min_gap:
             continue
+        if gate > 0:
+            if t["stream"] is None:
+                raise ValueError(f"{rec['id']}: this journal has no stream confidence; a gate cannot be replayed")
+            if t["stream"] < gate:
+                continue
         last_at = t["at"]
         probes.append(t)
         cost += t["cost"]
@@ -124,8 +132,8 @@ def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> float:
     return min(1.0, 2 * tail)
 
 
-def summarize(recs: Sequence[dict], rule: Rule | None, name: str, *, min_gap: int = 0) -> dict:
-    return _summary(recs, [replay(r, rule, min_gap=min_gap) for r in recs], name)
+def summarize(recs: Sequence[dict], rule: Rule | None, name: str, *, min_gap: int = 0, gate: float = 0.0) -> dict:
+    return _summary(recs, [replay(r, rule, min_gap=min_gap, gate=gate) for r in recs], name)
 
 
 def _summary(recs: Sequence[dict], runs: Sequence[dict], name: str) -> dict:
@@ -164,17 +172,31 @@ def hindsight_rule(rec: dict) -> Rule:
     return lambda ts: pred is not None and ts[-1]["finished"] and is_equiv(ts[-1]["answer"], pred)
 
 
-def ceilings(recs: Sequence[dict], gaps: Sequence[int] | None = None) -> list[dict]:
+START_GRID = (0, 100, 200, 300)
+"""First-probe points (``min_thinking``) the ceilings try."""
+
+
+def ceilings(recs: Sequence[dict], gaps: Sequence[int] | None = None, gates: Sequence[float] = (0.0,),
+             starts: Sequence[int] = (0,)) -> list[dict]:
     """Two upper bounds on early exit over ``recs``, as policy rows:
 
     - ``ceiling: hindsight gate, gap G``: :func:`hindsight_rule` on the probe schedule with
       spacing G (each spacing of ``gaps``, by default those the rules are chosen from; these rows
-      are read on the slice they bound, never chosen on it);
+      are read on the slice they bound, never chosen on it); each spacing's row is the best
+      over the stream ``gates`` and first-probe ``starts`` given (it names the one);
     - ``ceiling: one probe, at the oracle point``: a schedule that probed exactly once, where
       the final answer first appears, paying that single probe: what a free signal that knew
       when to probe, plus one probe, could capture."""
-    rows = [_summary(recs, [replay(r, hindsight_rule(r), min_gap=g) for r in recs], f"ceiling: hindsight gate, gap {g}")
-            for g in (GAP_GRID if gaps is None else gaps)]
+    rows = []
+    for g in GAP_GRID if gaps is None else gaps:
+        best = None
+        for s in gates:
+            for m in starts:
+                name = f"ceiling: hindsight gate, gap {g}" + (f", stream gate {s:g}" if s else "") + (f", first probe >= {m}" if m else "")
+                row = _summary(recs, [replay(r, hindsight_rule(r), min_gap=g, gate=s, min_thinking=m) for r in recs], name)
+                if best is None or row["saved_net"] > best["saved_net"] + 1e-12:
+                    best = row
+        rows.append(best)
     once = []
     for r in recs:
         at = oracle_point(r)
@@ -430,6 +452,14 @@ CALIBRATED_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 GAP_GRID = (0, 48, 96, 192)
+GATE_GRID = (0.0, 0.9, 0.95, 0.98, 0.99)
+"""Stream-confidence gates tried where the journal records the stream (``EarlyExit(gate=...)``)."""
+
+
+def has_stream(recs: Sequence[dict]) -> bool:
+    """True when every probe of ``recs`` recorded the stream confidence before it."""
+    ts = [t for r in recs for t in trials_of(r)]
+    return bool(ts) and all(t["stream"] is not None for t in ts)
 
 
 @dataclass
@@ -439,22 +469,24 @@ class Choice:
     min_gap: int
     rule: Rule
     validation: dict
+    gate: float = 0.0
 
 
 def choose(val: Sequence[dict], family: str, grid: Sequence[float], make: Callable[[float], Rule], *, max_drop: float = 0.01,
-           gaps: Sequence[int] = GAP_GRID) -> Choice | None:
-    """The setting (and probe spacing) that saves the most net tokens on validation while losing
+           gaps: Sequence[int] = GAP_GRID, gates: Sequence[float] = (0.0,)) -> Choice | None:
+    """The setting (and probe spacing and stream gate) that saves the most net tokens on validation while losing
     at most ``max_drop`` accuracy there (observed). Not probing at all is a candidate too: a
     setting whose probes cost more than its exits save (net saved <= 0) never beats it, and None
     then means "leave early exit off"."""
     best = None
     for v in grid:
         for gap in gaps:
-            row = summarize(val, make(v), f"{family}:{v}", min_gap=gap)
-            if row["saved_net"] <= 1e-12 or row["delta_vs_unlimited"] < -max_drop - 1e-12:
-                continue
-            if best is None or row["saved_net"] > best.validation["saved_net"] + 1e-12:
-                best = Choice(family, v, gap, make(v), row)
+            for gate in gates:
+                row = summarize(val, make(v), f"{family}:{v}", min_gap=gap, gate=gate)
+                if row["saved_net"] <= 1e-12 or row["delta_vs_unlimited"] < -max_drop - 1e-12:
+                    continue
+                if best is None or row["saved_net"] > best.validation["saved_net"] + 1e-12:
+                    best = Choice(family, v, gap, make(v), row, gate)
     return best
 
 
@@ -465,10 +497,11 @@ def analyse(recs: Sequence[dict], n_val: int, *, label: str = "", validation: Se
     else:
         val, test = list(recs[:n_val]), list(recs[n_val:])
     cal = fit_calibration(val, source=f"{label}: {len(val)} validation problems")
+    gates = GATE_GRID if has_stream(val) and has_stream(test) else (0.0,)
     choices = [
-        ("early-exit", choose(val, "early-exit", CONFIDENCE_GRID, confidence_rule)),
-        ("dynasor", choose(val, "dynasor", CONSISTENCY_GRID, lambda k: consistency_rule(int(k)))),
-        ("calibrated", choose(val, "calibrated", CALIBRATED_GRID, lambda t: calibrated_rule(cal, t))),
+        ("early-exit", choose(val, "early-exit", CONFIDENCE_GRID, confidence_rule, gates=gates)),
+        ("dynasor", choose(val, "dynasor", CONSISTENCY_GRID, lambda k: consistency_rule(int(k)), gates=gates)),
+        ("calibrated", choose(val, "calibrated", CALIBRATED_GRID, lambda t: calibrated_rule(cal, t), gates=gates)),
     ]
     unlimited = summarize(test, None, "unlimited")
     rows = [unlimited]
@@ -478,8 +511,8 @@ def analyse(recs: Sequence[dict], n_val: int, *, label: str = "", validation: Se
             # chosen is "no probes", which is the unlimited run
             rows.append(dict(unlimited, policy=f"{family}: off, no setting saved tokens (val)"))
             continue
-        gap = f", gap {c.min_gap}" if c.min_gap else ""
-        row = summarize(test, c.rule, f"{c.family}:{c.setting:g}{gap} (val)", min_gap=c.min_gap)
+        gap = (f", gap {c.min_gap}" if c.min_gap else "") + (f", stream gate {c.gate:g}" if c.gate else "")
+        row = summarize(test, c.rule, f"{c.family}:{c.setting:g}{gap} (val)", min_gap=c.min_gap, gate=c.gate)
         row["validation_saved_net"] = c.validation["saved_net"]
         row["validation_delta"] = c.validation["delta_vs_unlimited"]
         rows.append(row)
@@ -492,7 +525,8 @@ def analyse(recs: Sequence[dict], n_val: int, *, label: str = "", validation: Se
         "calibration": cal.to_dict(),
         "calibration_test": calibration_report(test, cal),
         "rows": rows,
-        "ceilings": ceilings(test),
+        "ceilings": ceilings(test, gates=gates, starts=START_GRID),
+        "stream_gates": list(gates),
         "curve": curve,
         "budgets": budgets,
     }

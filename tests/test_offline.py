@@ -39,6 +39,34 @@ def test_replay_of_the_oracle_run_equals_live_early_exit(tiny_runtime):
     assert exits > 0
 
 
+def test_stream_gated_replay_equals_live_on_a_real_model(smollm2):
+    """SmolLM2, prompted to reason, on GSM8K: the oracle records the stream confidence before each
+    probe; live early exit with a stream gate (and a probe spacing) probes at exactly the points
+    the replay keeps, and exits at the same token."""
+    items = load_task("gsm8k")[:4]
+    params = SamplingParams(temperature=0, top_p=1.0, max_tokens=192)
+    with Runtime(str(smollm2), n_ctx=1024, threads=1, reasoning_prompt="step") as rt:
+        oracle = harness.evaluate(rt, items, harness.parse_policies("oracle"), params)
+        streams = sorted(t[6] for r in oracle for t in r["trials"])
+        assert len(streams) >= 5 and all(0.0 < x <= 1.0 for x in streams)
+        assert all(offline.has_stream([r]) for r in oracle if r["trials"])
+        gates = (streams[len(streams) // 2],)
+        bites = 0
+        for gate in gates:
+            for threshold, gap in ((0.999, 24),):
+                for item, rec in zip(items, oracle):
+                    live = EarlyExit(threshold=threshold, gate=gate, min_gap=gap)
+                    reply = collect(rt.chat([{"role": "user", "content": item.prompt}], params, controllers=[live]))
+                    sim = offline.replay(rec, offline.confidence_rule(threshold), min_gap=gap, gate=gate)
+                    assert (sim["thinking_tokens"], sim["probe_tokens"]) == (reply.stats.thinking_tokens, reply.stats.probe_tokens), \
+                        (item.id, gate, threshold, gap)
+                    assert sim["exited"] == (reply.stats.exit_reason == "early_exit")
+                    bites += sim["probe_tokens"] < offline.replay(rec, offline.confidence_rule(threshold), min_gap=gap)["probe_tokens"]
+        assert bites > 0  # the gate skipped probes somewhere
+    with pytest.raises(ValueError, match="no stream"):
+        offline.replay(_rec(0, [[40, "7", 0.9, 6, True]], 100), offline.confidence_rule(0.5), gate=0.5)
+
+
 def test_statistics():
     lo, hi = offline.wilson(8, 10)
     assert (round(lo, 3), round(hi, 3)) == (0.490, 0.943)
@@ -232,6 +260,12 @@ def test_ceilings_bound_every_rule_on_the_same_probes():
     assert every["saved_net"] == pytest.approx(68 / 300) and every["share_of_bound"] == pytest.approx(68 / 90)
     spaced = rows["ceiling: hindsight gate, gap 100"]  # probes at 40 and 150 for the first record
     assert spaced["probe_tokens"] == (12 + 4) / 2 and spaced["thinking_tokens"] == (150 + 60) / 2
+    late = {r["policy"]: r for r in offline.ceilings(recs, gaps=(0,), starts=(100,))}
+    first = late["ceiling: hindsight gate, gap 0, first probe >= 100"]  # record 0 pays only the probe at 150;
+    assert first["probe_tokens"] == (6 + 0) / 2  # record 1's only probe (60) is skipped: it thinks to the end
+    assert first["thinking_tokens"] == (150 + 100) / 2 and first["saved_net"] == pytest.approx((50 - 6) / 300)
+    both = offline.ceilings(recs, gaps=(0,), starts=(0, 100))  # the best of the two starts: 0 here
+    assert both[0]["policy"] == "ceiling: hindsight gate, gap 0" and both[0]["saved_net"] == every["saved_net"]
     once = rows["ceiling: one probe, at the oracle point"]
     assert once["probe_tokens"] == (6 + 4) / 2 and once["saved_net"] == pytest.approx((90 - 10) / 300)
     # no rule replayed on these probes saves more, net, than the hindsight gate on the same schedule
