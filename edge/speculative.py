@@ -25,6 +25,11 @@ a seeded run draws the very same random numbers as a run without speculation, so
 same text. Every accepted token goes through the loop's per-token path (think parser, stop
 strings, ``max_tokens``, every controller hook), so budgets cut and probes run where they would.
 
+That holds only if a verified row is bit for bit the row a one-token step gives. llama.cpp
+computes some batches with other kernels (:func:`exact_batch` measures the largest batch that is
+exact on the loaded model and settings), so the runtime cuts drafts to that size, and where not
+even a batch of 2 is exact, auto does not speculate (:func:`decide`).
+
 Rows of drafted tokens that are not taken are dropped with the backend's exact rollback (the
 KV cache is truncated, nothing is re-evaluated). Anything else that touches the backend through
 the wrapper (a probe, an injected text, a retraction) first drops the pending draft, so the cache
