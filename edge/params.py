@@ -115,10 +115,10 @@ class SamplingParams:
     itself. None (the default) is *auto*: on where this machine's measured batch-cost curve lets
     drafts pay (llama.cpp; see :func:`edge.speculative.decide`), each step's draft then chosen
     from the live acceptance rate; True: on even where the curve says drafts cannot pay;
-    False: off. Greedy output is the same tokens as without it up to floating-point rounding:
-    llama.cpp computes the rows of a batch in another order than one-token steps (logits differ
-    by up to ~0.5 on quantized models), which can flip a near tie; False gives plain decoding
-    exactly.
+    False: off. Greedy output is the same tokens as without it: a :class:`~edge.runtime.Runtime`
+    drafts no further than the largest batch llama.cpp computes bit for bit as one-token steps
+    (measured per model and settings), and where not even 2 rows are (flash attention off on a
+    quantized model) auto does not speculate and True says it is not token-exact.
     ``logprobs`` asks the loop for a :class:`~edge.events.TokenLogprobs` event per model token
     (with the ``top_logprobs`` most likely alternatives); injected text gets none.
     """
@@ -142,7 +142,8 @@ class SamplingParams:
     speculate: bool | None = field(default=None, metadata=dict(absent=False, **offered(
         "--speculate/--no-speculate",
         help="Speculative decoding from n-gram lookup over the prompt and the reasoning so far: fewer model steps "
-             "when the trace repeats itself, the same output (greedy: up to llama.cpp's batch rounding). Default: "
+             "when the trace repeats itself, the same output (drafts no longer than the batches llama.cpp computes "
+             "exactly as one-token steps; none on a quantized model without --flash-attn). Default: "
              "auto, on where this machine's batch cost lets drafts pay (measured once per model and threads, "
              "cached), drafting only while drafts are accepted; --speculate: on even where the cost says no; "
              "--no-speculate: off (plain decoding exactly).", request=True)))

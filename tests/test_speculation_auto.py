@@ -399,13 +399,22 @@ def test_bench_batch_cost_shows_measures_and_remeasures(cli, tmp_path):
     assert cost and cost == [line for line in r2.stdout.splitlines() if line.startswith("  cost")]
     r3 = cli("bench", "batch-cost", "--threads", "1", "--remeasure", env=env)
     assert "measured now" in r3.stdout
+    assert "exact batches: up to 9 rows computed bit for bit as one-token steps (drafts of at most 8 tokens" in r.stdout
+
+
+def test_bench_batch_cost_says_when_batches_are_not_exact(cli, smollm2, tmp_path):
+    r = cli("bench", "batch-cost", "-m", str(smollm2), "--threads", "1", "--ctx", "1024", env={CACHE_ENV: str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "exact batches: not even 2 rows are computed as one-token steps here, so speculation would not be token-exact " \
+           "(--flash-attn may help)" in r.stdout
+    assert "auto speculation: off: " in r.stdout
 
 
 # -- greedy output: auto (drafting at most steps) == --no-speculate ----------------------------------------
 # llama.cpp computes a batch's rows exactly as one-token steps would only in some settings: tiny-r1
-# always; SmolLM2 (Q4_1) with flash attention at one thread (--kv-cache q8_0 turns it on). With
-# flash attention off, its batched rows differ by up to ~0.7 in the logits and a near tie can
-# flip (edge/params.py); there greedy output with speculation is the same only up to that.
+# always; SmolLM2 (Q4_1) with flash attention (--kv-cache q8_0 turns it on). With flash attention
+# off its batched rows differ by up to ~0.7 in the logits, and the runtime then does not speculate
+# on auto (test_runtime_keeps_speculation_exact_and_measures_once).
 
 def tiny_prompts(n: int) -> list[str]:
     from edge.benchmarks.tasks import load_task

@@ -150,12 +150,13 @@ def batch_cost_cmd(remeasure: bool, **kw) -> None:
     the cached one, or measured now and cached (the model options must match those of the runs
     it is for: --threads, --kv-cache, --device, --gpu-layers)."""
     from edge.cli.options import open_runtime
-    from edge.speculative import UNSETTLED, SpeculativeConfig, break_even
+    from edge.speculative import UNSETTLED, SpeculativeConfig, break_even, exact_batch_cached
 
     with open_runtime(kw) as rt:
         curve = rt.batch_cost(refresh=remeasure)
         plan = rt.plan_speculation(None)
         info = rt.backend.info
+        exact = exact_batch_cached(rt.backend)
     how = f"measured now in {curve.took:.1f} s" if curve.measured else f"cached, measured {curve.when} in {curve.took:.1f} s"
     if not curve.settled:
         how += f"; uncertain: {UNSETTLED}"
@@ -167,6 +168,10 @@ def batch_cost_cmd(remeasure: bool, **kw) -> None:
     click.echo("  ms    " + " ".join(f"{curve.seconds[k] * 1e3:>5.1f}" if k in curve.seconds else "    -" for k in range(1, len(curve.cost) + 1)))
     rate = break_even(SpeculativeConfig(cost=curve.cost))
     click.echo(f"drafts pay above acceptance {rate:.2f}" if rate is not None else "no draft ever pays")
+    click.echo(f"exact batches: up to {exact} rows computed bit for bit as one-token steps (drafts of at most {exact - 1} "
+               f"token{'s' if exact != 2 else ''} keep greedy output the same)" if exact >= 2 else
+               "exact batches: not even 2 rows are computed as one-token steps here, so speculation would not be "
+               "token-exact" + ("" if info.extra.get("flash_attn") else " (--flash-attn may help)"))
     click.echo(f"auto speculation: {plan}")
     click.echo(f"cache: {curve.path or '(not cached)'}")
 
