@@ -50,7 +50,11 @@ def test_stream_gated_replay_equals_live_on_a_real_model(smollm2):
         streams = sorted(t[6] for r in oracle for t in r["trials"])
         assert len(streams) >= 5 and all(0.0 < x <= 1.0 for x in streams)
         assert all(offline.has_stream([r]) for r in oracle if r["trials"])
-        gates = (streams[len(streams) // 2],)
+        # a gate between two recorded values (one equal to a recorded value, rounded to 6 places,
+        # would be a tie that the live, unrounded confidence may fall either side of)
+        mid = len(streams) // 2
+        lo, hi = next((streams[i], streams[i + 1]) for i in range(mid, len(streams) - 1) if streams[i + 1] - streams[i] > 1e-5)
+        gates = ((lo + hi) / 2,)
         bites = 0
         for gate in gates:
             for threshold, gap in ((0.999, 24),):
