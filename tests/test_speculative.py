@@ -327,3 +327,44 @@ def test_switches_reach_the_params():
         sampling_params({"speculate": "yes"}, Limits())
     with pytest.raises(ConfigError):
         SamplingParams(speculate=1)
+
+
+# -- a model whose larger batches round differently: drafts are cut to the exact size -----------------
+
+@pytest.fixture(scope="module")
+def smol_iq4(smollm2, tmp_path_factory):
+    """SmolLM2 requantized to IQ4_NL by llama.cpp's quantizer (a few seconds). On the project's x86
+    VM, with flash attention, its batches of up to 7 rows are exact and larger ones are not."""
+    import ctypes
+
+    import llama_cpp
+
+    dst = tmp_path_factory.mktemp("iq4") / "smollm2-iq4_nl.gguf"
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.allow_requantize, p.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL, True, 2
+    assert llama_cpp.llama_model_quantize(str(smollm2).encode(), str(dst).encode(), ctypes.byref(p)) == 0
+    return dst
+
+
+def test_runtime_cuts_drafts_to_the_exact_batch_and_greedy_stays_the_same(smol_iq4):
+    from edge.runtime import Runtime
+    from edge.speculative import EXACT_LIMIT, exact_batch
+
+    with Runtime(str(smol_iq4), n_ctx=1024, threads=1, flash_attn=True) as rt:
+        exact = exact_batch(rt.backend)
+        assert exact >= 2
+        rt.speculation = FLAT  # drafts of up to 8 tokens would pay: only the exact limit cuts them
+        plan = rt.plan_speculation(True)
+        assert plan.config.max_draft == min(FLAT.max_draft, exact - 1)
+        if exact < EXACT_LIMIT:  # 7 on the project's VM: the cut is in force
+            assert str(plan).endswith(f"drafts of at most {exact - 1} tokens (batches of more than {exact} are not "
+                                      "computed exactly as one-token steps here)")
+        accepted = 0
+        for prompt in SMOL_PROMPTS:
+            params = SamplingParams(temperature=0, max_tokens=160)
+            off = rt.ask(prompt, params.with_(speculate=False))
+            on = rt.ask(prompt, params.with_(speculate=True))
+            assert (on.reasoning, on.answer) == (off.reasoning, off.answer)
+            assert on.stats.completion_tokens == off.stats.completion_tokens and on.stats.speculation == str(plan)
+            accepted += on.stats.draft_accepted
+        assert accepted > 10
