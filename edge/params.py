@@ -143,7 +143,7 @@ class SamplingParams:
         "--speculate/--no-speculate",
         help="Speculative decoding from n-gram lookup over the prompt and the reasoning so far: fewer model steps "
              "when the trace repeats itself, the same output (drafts no longer than the batches llama.cpp computes "
-             "exactly as one-token steps; none on a quantized model without --flash-attn). Default: "
+             "exactly as one-token steps; a quantized model needs --flash-attn for that, else auto stays off). Default: "
              "auto, on where this machine's batch cost lets drafts pay (measured once per model and threads, "
              "cached), drafting only while drafts are accepted; --speculate: on even where the cost says no; "
              "--no-speculate: off (plain decoding exactly).", request=True)))

@@ -428,9 +428,9 @@ def exact_batch(backend, *, limit: int = EXACT_LIMIT, depths: Sequence[int] = EX
 
     Greedy speculation gives the very tokens of plain decoding only if a verified row equals the
     one-token row: a near tie decided by a different rounding changes the trace. llama.cpp
-    computes some batches with other kernels than a single token: measured on this x86 CPU,
-    the repacked K-quant weights round batches of 4 or more differently (Qwen2.5-Coder 0.5B and
-    1.5B Q4_K_M: exact up to 3 with flash attention, at 25, 300 and 700 cached tokens), and
+    computes some batches with other kernels than a single token: measured on an x86 CPU, the
+    K-quant models' batches of 4 or more rows round differently (Qwen2.5-Coder 0.5B and 1.5B
+    Q4_K_M: exact up to 3 with flash attention, at 25, 300 and 700 cached tokens), and
     without flash attention the attention of a batch sums in an order that depends on the
     context length (SmolLM2 Q4_1: exact up to 2-4 after 8-16 tokens, not even 2 after 31 or
     more), hence several depths. Empties the backend's cache."""
