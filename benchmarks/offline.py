@@ -198,14 +198,10 @@ def ceilings(recs: Sequence[dict], gaps: Sequence[int] | None = None, gates: Seq
                     best = row
         rows.append(best)
     once = []
-    for r in recs:
+    for r in recs:  # the probes left: the one at the oracle point (none when no probe gave the final answer)
         at = oracle_point(r)
-        hit = next((t for t in trials_of(r) if t["at"] == at), None) if at < r["thinking_tokens"] else None
-        if hit is None:
-            once.append(replay(r, None))
-        else:
-            once.append({"id": r["id"], "thinking_tokens": at, "probe_tokens": hit["cost"], "pred": hit["answer"],
-                         "correct": is_equiv(hit["answer"], r["gold"]), "exited": True})
+        only = [t for t in r.get("trials", []) if t[0] == at and at < r["thinking_tokens"]][:1]
+        once.append(replay(dict(r, trials=only), lambda ts: True))
     rows.append(_summary(recs, once, "ceiling: one probe, at the oracle point"))
     return rows
 

@@ -469,7 +469,8 @@ def exact_batch_cached(backend) -> int:
     from edge.files import atomic_write
 
     key = curve_key(backend)
-    path = curve_path(key).with_name(curve_path(key).stem + "-exact.json") if key is not None else None
+    curve = curve_path(key) if key is not None else None
+    path = curve.with_name(curve.stem + "-exact.json") if curve is not None else None
     if path is not None:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
