@@ -405,9 +405,11 @@ class Runtime:
                     self._cost_curve = batch_cost_curve(self.backend)
                 except BackendError as exc:  # e.g. a context too small to measure in
                     self._no_cost_curve = f"the batch cost could not be measured ({exc})"
-            if self._cost_curve is None:
-                return decide(mode, self.backend, None) if mode else Speculation(None, self._no_cost_curve)
-            config, how = SpeculativeConfig(cost=self._cost_curve.cost), {"source": "measured", "settled": self._cost_curve.settled}
+            if self._cost_curve is None and not mode:
+                return Speculation(None, self._no_cost_curve)
+            # requested without a curve: the defaults (cut to the exact batch below, like the rest)
+            config, how = (None, {}) if self._cost_curve is None else (
+                SpeculativeConfig(cost=self._cost_curve.cost), {"source": "measured", "settled": self._cost_curve.settled})
         plan = decide(mode, self.backend, config, **how)
         if not plan.on or not batch_verify(self.backend):
             return plan

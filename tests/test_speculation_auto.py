@@ -519,3 +519,8 @@ def test_a_curve_that_cannot_be_measured_turns_auto_off_once_and_says_why(smollm
             assert s.model_steps == 0
         assert rt.ask(PROMPT, GREEDY.with_(max_tokens=8, speculate=True)).stats.speculation.startswith("on:")
     assert len(calls) == 1  # tried once per runtime, not before every call
+    # requested without a curve on a backend whose batches are not exact: it says so (the exact
+    # batch applies whether or not the cost was measured)
+    with Runtime(str(smollm2), n_ctx=1024, threads=1) as rt:
+        forced = rt.ask(PROMPT, GREEDY.with_(max_tokens=8, speculate=True)).stats.speculation
+        assert forced.startswith("on: requested, not token-exact"), forced
